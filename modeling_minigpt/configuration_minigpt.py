@@ -1,0 +1,131 @@
+"""MiniGPT configuration: the shape of the model and nothing else.
+
+Optimizer, data and logging knobs live in `train/`. The defaults are GPT-2 124M (12 layers, 12 heads,
+768 wide, 1024 positions), with the vocabulary padded from 50257 up to 50304, a multiple of 64, so
+that the embedding and LM-head matmuls hit the fast kernel sizes.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
+NORM_POSITIONS = ("pre", "post")
+
+
+@strict
+class MiniGPTConfig(PreTrainedConfig):
+    r"""
+    Args:
+        vocab_size: number of token ids the embedding and the LM head cover.
+        n_positions: the longest sequence the model accepts (`max_position_embeddings`).
+        n_embd: width of the residual stream (`hidden_size`).
+        n_layer: number of Transformer blocks (`num_hidden_layers`).
+        n_head: attention heads per block (`num_attention_heads`); `n_embd` must divide by it.
+        n_inner: inner width of the feed-forward network; `None` means `4 * n_embd`.
+        activation_function: any name in `transformers.activations.ACT2FN` (relu, gelu, gelu_new, silu, ...).
+        position_embedding_type: `learned` (GPT-2), `sinusoidal` (the original Transformer) or `rope` (rotary).
+        rope_theta: base of the rotary frequencies, used with `rope` only.
+        norm_position: `pre` (GPT-2: LayerNorm before each sub-block, plus a final one) or
+            `post` (original Transformer: LayerNorm after each residual sum).
+        layer_norm_epsilon: epsilon of every LayerNorm.
+        embd_pdrop, attn_pdrop, resid_pdrop: dropout on embeddings, attention weights and residual branches.
+        bias: whether the linear layers and LayerNorms carry a bias (GPT-2 does).
+        initializer_range: std of the normal init; residual projections get `/ sqrt(2 * n_layer)` on top.
+
+    Example:
+    ```python
+    >>> from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+    >>> model = MiniGPTForCausalLM(MiniGPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=1000))
+    ```
+    """
+
+    model_type = "minigpt"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "max_position_embeddings": "n_positions",
+        "num_attention_heads": "n_head",
+        "num_hidden_layers": "n_layer",
+        "intermediate_size": "n_inner",
+    }
+
+    vocab_size: int = 50304
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    position_embedding_type: str = "learned"
+    rope_theta: float = 10000.0
+    norm_position: str = "pre"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    bias: bool = True
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd
+        self._check()
+        super().__post_init__(**kwargs)
+
+    def _check(self):
+        """Raise a ValueError that names the bad field, its value and what is allowed."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}.")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"MiniGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"pick n_head among the divisors of {self.n_embd}, e.g. {_divisors(self.n_embd)}."
+            )
+        if self.activation_function not in ACT2FN:
+            raise ValueError(
+                f"MiniGPTConfig.activation_function={self.activation_function!r} is unknown; "
+                f"use one of {sorted(ACT2FN)}."
+            )
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"MiniGPTConfig.position_embedding_type={self.position_embedding_type!r} is unknown; "
+                f"use one of {list(POSITION_EMBEDDING_TYPES)}."
+            )
+        if self.position_embedding_type == "rope" and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(
+                f"Rotary embeddings need an even head size, but n_embd / n_head = {self.n_embd // self.n_head}; "
+                "change n_embd or n_head, or use position_embedding_type='learned'."
+            )
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(
+                f"MiniGPTConfig.norm_position={self.norm_position!r} is unknown; use one of {list(NORM_POSITIONS)}."
+            )
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"MiniGPTConfig.{name} must lie in [0, 1), got {value!r}.")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"MiniGPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
+        if not self.rope_theta > 0:
+            raise ValueError(f"MiniGPTConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
+        if not self.initializer_range >= 0:
+            raise ValueError(f"MiniGPTConfig.initializer_range must be >= 0, got {self.initializer_range!r}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 64) + 1) if n % d == 0]
+
+
+__all__ = ["MiniGPTConfig"]

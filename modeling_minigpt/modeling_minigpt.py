@@ -1,0 +1,454 @@
+"""MiniGPT: a decoder-only Transformer (GPT family) written the way transformers' Llama is.
+
+Reading order, one class per concept:
+    token embeddings (nn.Embedding)  ->  position encoding (MiniGPTLearnedPositions | MiniGPTSinusoidalPositions
+    added to the embeddings, or MiniGPTRotaryEmbedding applied to q and k)  ->  n_layer x MiniGPTBlock
+    [MiniGPTAttention (causal, multi-head, one fused QKV projection, scores / sqrt(head_dim)) and MiniGPTMLP
+    (Linear -> activation -> Linear), each inside a residual with LayerNorm]  ->  final LayerNorm (pre-LN only)
+    ->  LM head tied to the token embeddings  ->  softmax / sampling in `generate`.
+
+Shape legend: B batch, T query length, S key length (cached + new), C n_embd, nh n_head, hs head size (C / nh),
+V vocab_size.
+
+The file imports only transformers and its own siblings (relatively), so `save_pretrained` can copy it next to
+the weights and `trust_remote_code=True` loads it without this package installed. It supports transformers
+5.17 to 5.x: the KV cache argument is called `past_key_values` up to 5.23 and `cache` from 5.24, and both are
+accepted (see `_pick_cache`).
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_minigpt import MiniGPTConfig
+
+# transformers 5.24 renamed the output field `past_key_values` to `cache`; build outputs with whichever it has.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The one place where both names of the cache argument meet (`past_key_values` before 5.24, `cache` after)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+    return cache if cache is not None else past_key_values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Position encodings. Learned and sinusoidal ones are added to the token embeddings; rotary ones turn q and k.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTLearnedPositions(nn.Embedding):
+    """GPT-2's learned absolute positions: one trained vector per position, up to `n_positions`."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config.n_positions, config.n_embd)
+
+
+class MiniGPTSinusoidalPositions(nn.Module):
+    """The fixed encoding of 'Attention Is All You Need' (section 3.5):
+    PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C)).
+    Computed from the positions on the fly, so it has no parameters and no length limit."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        half = torch.arange(0, config.n_embd, 2, dtype=torch.float) / config.n_embd
+        self.inv_freq = nn.Buffer(1.0 / (10000.0**half), persistent=False)  # (C/2,)
+
+    def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, C/2)
+        # interleave so that even channels hold sin and odd ones cos, as in the paper
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (B, T, C)
+
+
+class MiniGPTRotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer, arXiv:2104.09864) in the rotate-half layout that Llama uses.
+    Returns (cos, sin) for the given positions; attention applies them to q and k."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        dim = config.head_dim
+        self.inv_freq = nn.Buffer(
+            1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), persistent=False
+        )  # (hs/2,)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hs): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention and feed-forward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path, written out: softmax(q k^T / sqrt(hs) + mask) v.
+
+    `attention_mask` comes from `create_causal_mask` and already holds the causal triangle and the padding:
+    a boolean mask (True = attend) or an additive float mask. Masked scores become -inf, or the dtype's minimum
+    for an additive mask; either way their softmax weight is exactly 0."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nan_to_num(weights)  # a row with every key masked (a padding query) gives 0, not NaN
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value)  # (B, nh, T, hs)
+    return output.transpose(1, 2).contiguous(), weights  # (B, T, nh, hs)
+
+
+class MiniGPTAttention(nn.Module):
+    """Causal multi-head self-attention with one fused QKV projection.
+
+    The backend (sdpa by default, eager, flash_attention_2, flex_attention) comes from transformers'
+    attention-function registry, chosen by `config._attn_implementation`; `eager_attention_forward` above is
+    the fallback and the reference."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attn_pdrop
+        self.is_causal = True
+        self.num_key_value_groups = 1  # plain multi-head attention; read by transformers' attention backends
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(B, T, 3, -1, self.head_dim)  # (B, T, 3, nh, hs)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+
+        if position_embeddings is not None:  # rotary
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, nh, S, hs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )  # (B, T, nh, hs)
+        attn_output = attn_output.reshape(B, T, C)
+        return self.resid_dropout(self.o_proj(attn_output)), attn_weights
+
+
+class MiniGPTMLP(nn.Module):
+    """The position-wise feed-forward network: Linear -> activation -> Linear."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.act_fn = ACT2FN[config.activation_function]
+        self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(self.act_fn(self.up_proj(x))))  # (B, T, C) -> (B, T, n_inner) -> (B, T, C)
+
+
+class MiniGPTBlock(GradientCheckpointingLayer):
+    """One Transformer block. `norm_position` picks where the LayerNorms sit:
+
+        pre  (GPT-2):               post (original Transformer):
+          x = x + attn(ln_1(x))       x = ln_1(x + attn(x))
+          x = x + mlp(ln_2(x))        x = ln_2(x + mlp(x))
+    """
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.input_layernorm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.self_attn = MiniGPTAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MiniGPTMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn = lambda x: self.self_attn(x, attention_mask, position_embeddings, cache, **kwargs)[0]  # noqa: E731
+        if self.pre_norm:
+            hidden_states = hidden_states + attn(self.input_layernorm(hidden_states))
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        else:
+            hidden_states = self.input_layernorm(hidden_states + attn(hidden_states))
+            hidden_states = self.post_attention_layernorm(hidden_states + self.mlp(hidden_states))
+        return hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTPreTrainedModel(PreTrainedModel):
+    config_class = MiniGPTConfig
+    config: MiniGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiniGPTBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": MiniGPTBlock, "attentions": MiniGPTAttention}
+
+    def _init_weights(self, module: nn.Module):
+        """GPT-2's init: N(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorms,
+        and the two residual output projections of each block scaled down by 1/sqrt(2 * n_layer), because each
+        block adds two branches to the residual stream ('Language Models are Unsupervised Multitask Learners',
+        section 2.3)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        if isinstance(module, (MiniGPTAttention, MiniGPTMLP)):
+            residual_proj = module.o_proj if isinstance(module, MiniGPTAttention) else module.down_proj
+            init.normal_(residual_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, MiniGPTSinusoidalPositions):  # non-persistent buffers are rebuilt, not loaded
+            init.copy_(module.inv_freq, MiniGPTSinusoidalPositions(self.config).inv_freq)
+        if isinstance(module, MiniGPTRotaryEmbedding):
+            init.copy_(module.inv_freq, MiniGPTRotaryEmbedding(self.config).inv_freq)
+
+
+class MiniGPTModel(MiniGPTPreTrainedModel):
+    """The Transformer without a head: returns the final hidden states (and the cache)."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        # the position encoding is picked once: added to the embeddings (learned, sinusoidal) or rotary in attention
+        self.embed_positions = None
+        self.rotary_emb = None
+        if config.position_embedding_type == "learned":
+            self.embed_positions = MiniGPTLearnedPositions(config)
+        elif config.position_embedding_type == "sinusoidal":
+            self.embed_positions = MiniGPTSinusoidalPositions(config)
+        else:
+            self.rotary_emb = MiniGPTRotaryEmbedding(config)
+        self.dropout = nn.Dropout(config.embd_pdrop)
+        self.layers = nn.ModuleList([MiniGPTBlock(config, i) for i in range(config.n_layer)])
+        # post-LN blocks end in a LayerNorm already; pre-LN needs one more before the head
+        self.norm = (
+            nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+            if config.norm_position == "pre"
+            else nn.Identity()
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = _pick_cache(cache, past_key_values)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if use_cache is None:  # a cache is for generation: training forwards don't build one by default
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = self._default_position_ids(attention_mask, B, T, past_length)
+        if not torch.compiler.is_compiling():  # checks sync with the device; a compiled graph skips them
+            self._check_inputs(input_ids, attention_mask, position_ids, B, T, past_length)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
+        hidden_states = inputs_embeds
+        if self.embed_positions is not None:
+            hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
+        hidden_states = self.dropout(hidden_states)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+
+        # one mask for all layers: None when sdpa's is_causal path applies (no padding), else 4-D (B, 1, T, S)
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, causal_mask, position_embeddings, cache, **kwargs)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
+
+    @staticmethod
+    def _default_position_ids(attention_mask, B, T, past_length) -> torch.LongTensor:
+        """Positions count real tokens only, so a left-padded row gets the same positions as when run alone."""
+        if attention_mask is not None and attention_mask.ndim == 2:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            return positions[:, -T:]
+        device = attention_mask.device if attention_mask is not None else None
+        return (torch.arange(T, device=device) + past_length).unsqueeze(0).expand(B, T)
+
+    def _check_inputs(self, input_ids, attention_mask, position_ids, B, T, past_length):
+        """Turn the inputs that would crash deep inside a kernel (or silently give garbage) into clear errors."""
+        if B == 0 or T == 0:
+            raise ValueError(f"The input is empty (batch {B}, length {T}); pass at least one token per row.")
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape != (B, past_length + T):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids needs "
+                f"({B}, {past_length + T}) (batch, cached + new tokens); build both from the same tokenizer call."
+            )
+        if input_ids is not None:
+            low, high = input_ids.min().item(), input_ids.max().item()
+            if low < 0 or high >= self.config.vocab_size:
+                bad = high if high >= self.config.vocab_size else low
+                raise IndexError(
+                    f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}). Check that the "
+                    "tokenizer matches the model (len(tokenizer) <= config.vocab_size), or resize the embeddings "
+                    "with model.resize_token_embeddings(len(tokenizer))."
+                )
+        if self.config.position_embedding_type == "learned":
+            last = position_ids.max().item()
+            if last >= self.config.n_positions:
+                raise ValueError(
+                    f"The sequence reaches position {last}, but learned position embeddings stop at "
+                    f"n_positions={self.config.n_positions}. Truncate the input (e.g. tokenizer(..., truncation=True, "
+                    f"max_length={self.config.n_positions})) or generate fewer new tokens."
+                )
+
+
+class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
+    """MiniGPTModel plus the LM head (tied to the token embeddings unless `tie_word_embeddings=False`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config)
+        self.model = MiniGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: token ids to predict, aligned with `input_ids` (the shift happens inside the loss); -100 is ignored.
+        logits_to_keep: if an int > 0, compute logits for the last that many positions only (generation needs 1);
+            if a 1-D tensor, the positions to keep. 0 keeps all.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_pick_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, C)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
+
+
+__all__ = ["MiniGPTPreTrainedModel", "MiniGPTModel", "MiniGPTForCausalLM"]

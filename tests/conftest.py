@@ -1,0 +1,31 @@
+"""Shared test set-up: everything offline, caches in a temporary HF_HOME, tiny models built in the test."""
+
+import os
+import tempfile
+
+# Before transformers, datasets or evaluate are imported: nothing may reach the Hub, and caches stay private.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HOME"] = os.environ.get("MINIGPT_TEST_HF_HOME") or tempfile.mkdtemp(prefix="minigpt-hf-home-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import modeling_minigpt  # noqa: E402,F401  (registers the Auto classes)
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
+
+
+def tiny_config(**overrides) -> MiniGPTConfig:
+    """2 layers, width 32, 4 heads, vocabulary 100: big enough to exercise every path, small enough to be instant."""
+    fields = dict(
+        vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
+    fields.update(overrides)
+    return MiniGPTConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return MiniGPTForCausalLM(tiny_config()).eval()
