@@ -5,14 +5,36 @@ Optimizer, data and logging knobs live in `train/`. The defaults are GPT-2 124M 
 that the embedding and LM-head matmuls hit the fast kernel sizes.
 """
 
+import functools
+import math
+
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
 NORM_POSITIONS = ("pre", "post")
+FLOAT_FIELDS = ("rope_theta", "layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range")
 
 
+def _value_errors(cls):
+    """`@strict` reports a wrong type (a string for an int, None, ...) as its own StrictDataclassError, which is
+    not a ValueError; re-raise it as one, so that every bad config value gives the same exception type."""
+    strict_init = cls.__init__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassError as err:
+            raise ValueError(f"Invalid MiniGPTConfig: {err}") from err
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_value_errors
 @strict
 class MiniGPTConfig(PreTrainedConfig):
     r"""
@@ -58,14 +80,14 @@ class MiniGPTConfig(PreTrainedConfig):
     n_inner: int | None = None
     activation_function: str = "gelu_new"
     position_embedding_type: str = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float | int = 10000.0  # ints are accepted (JSON and YAML write 0 for 0.0) and stored as floats
     norm_position: str = "pre"
-    layer_norm_epsilon: float = 1e-5
-    embd_pdrop: float = 0.0
-    attn_pdrop: float = 0.0
-    resid_pdrop: float = 0.0
+    layer_norm_epsilon: float | int = 1e-5
+    embd_pdrop: float | int = 0.0
+    attn_pdrop: float | int = 0.0
+    resid_pdrop: float | int = 0.0
     bias: bool = True
-    initializer_range: float = 0.02
+    initializer_range: float | int = 0.02
     use_cache: bool = True
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
@@ -73,17 +95,31 @@ class MiniGPTConfig(PreTrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd
-        self._check()
+        # the parent sets the aliased fields (hidden_size=, num_attention_heads=, ...) from kwargs, and an alias
+        # skips @strict's type check, so derive and check only after it
         super().__post_init__(**kwargs)
+        if self.n_inner is None:
+            self.n_inner = 4 * self.n_embd if _is_int(self.n_embd) else None
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if _is_int(value):
+                try:
+                    setattr(self, name, float(value))
+                except OverflowError:
+                    raise ValueError(f"MiniGPTConfig.{name}={value} is too large for a float.") from None
+        self._check()
 
     def _check(self):
         """Raise a ValueError that names the bad field, its value and what is allowed."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}.")
+            if not _is_int(value) or value <= 0:
+                alias = next((f" ({a})" for a, field in self.attribute_map.items() if field == name), "")
+                raise ValueError(f"MiniGPTConfig.{name}{alias} must be a positive integer, got {value!r}.")
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, float) or not math.isfinite(value):
+                raise ValueError(f"MiniGPTConfig.{name} must be a finite number, got {value!r}.")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"MiniGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -118,10 +154,23 @@ class MiniGPTConfig(PreTrainedConfig):
             raise ValueError(f"MiniGPTConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
         if not self.initializer_range >= 0:
             raise ValueError(f"MiniGPTConfig.initializer_range must be >= 0, got {self.initializer_range!r}.")
+        # an id outside the vocabulary crashes the embedding, or (eos) is never produced, so generation never stops
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is not None and not (_is_int(token_id) and 0 <= token_id < self.vocab_size):
+                    raise ValueError(
+                        f"MiniGPTConfig.{name}={value!r} is outside the vocabulary [0, {self.vocab_size}); "
+                        "use the tokenizer's ids (e.g. tokenizer.eos_token_id) or None, and a vocab_size >= len(tokenizer)."
+                    )
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _divisors(n: int) -> list[int]:

@@ -152,6 +152,7 @@ class MiniGPTAttention(nn.Module):
         self.num_key_value_groups = 1  # plain multi-head attention; read by transformers' attention backends
         self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.o_proj.is_residual_projection = True  # scaled init, see MiniGPTPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
@@ -196,6 +197,7 @@ class MiniGPTMLP(nn.Module):
         self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
         self.act_fn = ACT2FN[config.activation_function]
         self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,9 +260,12 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         """GPT-2's init: N(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorms,
         and the two residual output projections of each block scaled down by 1/sqrt(2 * n_layer), because each
         block adds two branches to the residual stream ('Language Models are Unsupervised Multitask Learners',
-        section 2.3)."""
+        section 2.3). transformers calls this once per module that holds parameters, so the residual projections
+        carry a flag rather than being found from their parent."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
@@ -268,9 +273,6 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, (MiniGPTAttention, MiniGPTMLP)):
-            residual_proj = module.o_proj if isinstance(module, MiniGPTAttention) else module.down_proj
-            init.normal_(residual_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         if isinstance(module, MiniGPTSinusoidalPositions):  # non-persistent buffers are rebuilt, not loaded
             init.copy_(module.inv_freq, MiniGPTSinusoidalPositions(self.config).inv_freq)
         if isinstance(module, MiniGPTRotaryEmbedding):
