@@ -1,0 +1,231 @@
+"""GPT-2 compatibility: a GPT2LMHeadModel converted to MiniGPT computes the same logits and generates the same
+tokens, and a GPT-2-compatible MiniGPT converts to GPT2LMHeadModel and back without changing a number.
+
+The reference is transformers' own GPT2LMHeadModel, randomly initialised here (nothing is downloaded), with every
+parameter perturbed so that LayerNorm gains and biases are not the trivial 1 and 0 a swapped name could hide behind.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+from hub_server import hub_env, running_hub
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from hub.convert_gpt2 import convert_state_dict, gpt2_to_minigpt, main, minigpt_to_gpt2
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from train.tokenizer import train_tokenizer
+
+ATOL = 1e-5
+TEXT = ["the quick brown fox jumps over the lazy dog and the dog sleeps in the sun"] * 20
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with running_hub() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared CI cores the threads slow them down badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb(model, seed: int):
+    """Move every parameter off its init (LayerNorms off 1/0 too), so each name in the table matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _tiny_gpt2(attn_implementation: str, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    fields = dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(**{**fields, **overrides}, attn_implementation=attn_implementation)
+    return _perturb(GPT2LMHeadModel(config), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXT, vocab_size=300, min_frequency=1)
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def converted(request, tmp_path_factory, tokenizer):
+    """(GPT-2 reference, MiniGPT converted from it through the CLI entry point, the MiniGPT folder)."""
+    impl = request.param
+    src, dst = tmp_path_factory.mktemp(f"gpt2-{impl}"), tmp_path_factory.mktemp(f"minigpt-{impl}")
+    gpt2 = _tiny_gpt2(impl)
+    gpt2.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    main([str(src), str(dst)])
+    mini = AutoModelForCausalLM.from_pretrained(dst, attn_implementation=impl).eval()
+    return gpt2, mini, dst
+
+
+@pytest.mark.oldest
+def test_converted_folder_is_a_complete_minigpt_checkpoint(converted):
+    _, mini, dst = converted
+    assert type(mini) is MiniGPTForCausalLM
+    config = json.loads((dst / "config.json").read_text())
+    assert config["model_type"] == "minigpt"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
+    for name in (
+        "modeling_minigpt.py",
+        "configuration_minigpt.py",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
+        assert (dst / name).is_file(), name
+    c = mini.config
+    assert (c.position_embedding_type, c.activation_function, c.norm_position, c.bias, c.tie_word_embeddings) == (
+        "learned",
+        "gelu_new",
+        "pre",
+        True,
+        True,
+    )
+    assert (c.n_inner, c.layer_norm_epsilon) == (128, 1e-5)
+    assert mini.lm_head.weight.data_ptr() == mini.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.oldest
+def test_logits_and_greedy_tokens_match_gpt2(converted, tokenizer):
+    gpt2, mini, _ = converted
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, out = gpt2(ids).logits, mini(ids).logits
+    diff = (ref - out).abs().max().item()
+    print(f"GPT-2 parity ({gpt2.config._attn_implementation}): max |logit diff| = {diff:.3e}")
+    assert diff < ATOL
+
+    prompt = tokenizer("the quick brown", return_tensors="pt")
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    a, b = gpt2.generate(**prompt, **kwargs), mini.generate(**prompt, **kwargs)
+    assert a.tolist() == b.tolist()
+    assert a.shape[1] == prompt.input_ids.shape[1] + 20
+    assert tokenizer.decode(a[0]) == tokenizer.decode(b[0])
+
+
+@pytest.mark.oldest
+def test_left_padded_batch_matches_gpt2(converted):
+    gpt2, mini, _ = converted
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 300, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5], mask[1, :2] = 0, 0  # left padding of 5 and 2 tokens; row 2 is full
+    ids = ids.masked_fill(mask == 0, 0)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # GPT-2's forward does not derive them from the mask
+    with torch.no_grad():
+        ref = gpt2(ids, attention_mask=mask, position_ids=positions).logits
+        out = mini(ids, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    diff = (ref[real] - out[real]).abs().max().item()
+    print(f"GPT-2 parity, left-padded ({gpt2.config._attn_implementation}): max |logit diff| = {diff:.3e}")
+    assert diff < ATOL
+
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    a = gpt2.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    b = mini.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert a.tolist() == b.tolist()
+
+
+@pytest.mark.oldest
+@pytest.mark.parametrize("tied", [True, False])
+def test_minigpt_to_gpt2_round_trip(tmp_path, tied):
+    torch.manual_seed(0)
+    mini = _perturb(MiniGPTForCausalLM(tiny_config(tie_word_embeddings=tied)), seed=2)
+    mini.save_pretrained(tmp_path / "mini")
+    main([str(tmp_path / "mini"), str(tmp_path / "gpt2"), "--reverse"])
+    gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    assert type(gpt2) is GPT2LMHeadModel and gpt2.config.tie_word_embeddings is tied
+
+    ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (mini(ids).logits - gpt2(ids).logits).abs().max().item()
+    print(f"MiniGPT -> GPT-2 (tied={tied}): max |logit diff| = {diff:.3e}")
+    assert diff < ATOL
+
+    back = gpt2_to_minigpt(str(tmp_path / "gpt2"), str(tmp_path / "back"))
+    for name, tensor in mini.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+
+
+def test_refuses_a_checkpoint_that_is_not_gpt2(tmp_path):
+    MiniGPTConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=100).save_pretrained(tmp_path / "mini")
+    with pytest.raises(ValueError, match=r"'minigpt' checkpoint, not GPT-2.*--reverse"):
+        gpt2_to_minigpt(str(tmp_path / "mini"), str(tmp_path / "out"))
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(SystemExit, match=r"'llama' checkpoint, not GPT-2"):
+        main([str(tmp_path / "llama"), str(tmp_path / "out")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        gpt2_to_minigpt(str(tmp_path / "empty"), str(tmp_path / "out"))
+    GPT2Config(n_layer=1, n_embd=32, n_head=4, scale_attn_by_inverse_layer_idx=True).save_pretrained(tmp_path / "g")
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True"):
+        gpt2_to_minigpt(str(tmp_path / "g"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value", [("position_embedding_type", "rope"), ("norm_position", "post"), ("bias", False)]
+)
+def test_reverse_refuses_a_config_gpt2_cannot_express(tmp_path, field, value):
+    tiny_config(**{field: value}).save_pretrained(tmp_path / "mini")
+    with pytest.raises(ValueError, match=rf"{field}={value!r}.*GPT-2-compatible"):
+        minigpt_to_gpt2(str(tmp_path / "mini"), str(tmp_path / "out"))
+    GPT2Config(n_layer=1, n_embd=32, n_head=4).save_pretrained(tmp_path / "g")
+    with pytest.raises(ValueError, match=r"'gpt2' checkpoint, not MiniGPT"):
+        minigpt_to_gpt2(str(tmp_path / "g"), str(tmp_path / "out"))
+
+
+def test_name_table_counts_every_tensor():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=16))
+    state = gpt2.state_dict()
+    converted = convert_state_dict(state, n_layer=2)
+    assert len(converted) == len(state) == len(MiniGPTForCausalLM(tiny_config()).state_dict())
+    assert converted["model.layers.0.self_attn.qkv_proj.weight"].shape == (96, 32)  # Conv1D (32, 96) transposed
+    with pytest.raises(ValueError, match="tensors the conversion doesn't know.*extra"):
+        convert_state_dict({**state, "transformer.extra": torch.zeros(1)}, n_layer=2)
+    with pytest.raises(KeyError, match="no tensor 'transformer.h.1.ln_1.weight'"):
+        convert_state_dict({k: v for k, v in state.items() if k != "transformer.h.1.ln_1.weight"}, n_layer=2)
+
+
+def test_converts_a_hub_id(hub, tmp_path, tokenizer):
+    """`python -m hub.convert_gpt2 OWNER/NAME DST` downloads from the Hub (here the local test Hub) and converts.
+    The repo is laid out like openai-community/gpt2: GPT2Model-style names without the `transformer.` prefix, the
+    old causal-mask buffers `h.N.attn.bias`, no `lm_head.weight` (tied), and a tokenizer."""
+    gpt2 = _tiny_gpt2("sdpa")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    n = gpt2.config.n_positions
+    state = {k.removeprefix("transformer."): v for k, v in gpt2.state_dict().items() if k != "lm_head.weight"}
+    state.update({f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, n, n)) for i in range(gpt2.config.n_layer)})
+    save_file(state, tmp_path / "gpt2" / "model.safetensors", metadata={"format": "pt"})
+    files = {p.name: p.read_bytes() for p in (tmp_path / "gpt2").iterdir()}
+    hub.create_repo("openai-community/tiny-gpt2", files=files)
+
+    cmd = [sys.executable, "-m", "hub.convert_gpt2", "openai-community/tiny-gpt2", str(tmp_path / "mini")]
+    run = subprocess.run(cmd, env=hub_env(hub, token=None), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "wrote MiniGPTForCausalLM" in run.stdout
+    mini = MiniGPTForCausalLM.from_pretrained(tmp_path / "mini").eval()
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (gpt2(ids).logits - mini(ids).logits).abs().max().item() < ATOL
+    assert (tmp_path / "mini" / "tokenizer.json").is_file()
+    downloads = [path for method, path, status in hub.requests if method == "GET" and status == 200]
+    assert any(path.endswith("/model.safetensors") for path in downloads), hub.requests
