@@ -1,0 +1,450 @@
+"""train/finetune.py: Trainer fine-tuning in causal and supervised modes, on tiny models built here.
+
+The checks that prove learning: a tiny model fine-tuned on train/examples/en_fr.jsonl reproduces at least 80% of
+the answers exactly (label masking and the template work end to end), and pretraining then fine-tuning lowers the
+held-out perplexity of the fine-tuning data (test_pretrain_then_finetune_lowers_held_out_perplexity).
+"""
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+
+from conftest import tiny_config
+from hub_server import hub_env, running_hub
+from modeling_minigpt import MiniGPTForCausalLM
+from train import evaluate as lm_eval
+from train import finetune
+from train.finetune import PromptTemplate, SupervisedCollator, encode_pair
+from train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "train" / "examples"
+EN_FR = EXAMPLES / "en_fr.jsonl"
+QA = EXAMPLES / "qa.jsonl"
+PYTHON = sys.executable
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def example_texts() -> list[str]:
+    return [v for path in (EN_FR, QA) for row in read_jsonl(path) for v in row.values()]
+
+
+def make_checkpoint(folder: Path, tokenizer=None, seed: int = 0, **config) -> Path:
+    """A tiny MiniGPT with a BPE trained on the example files, saved as a complete checkpoint folder."""
+    tokenizer = tokenizer or train_tokenizer(example_texts(), vocab_size=512, min_frequency=1)
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=len(tokenizer), n_embd=64, n_positions=64)
+    fields.update(config)
+    MiniGPTForCausalLM(tiny_config(**fields)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def qa_text_file(path: Path, rows: list[dict]) -> Path:
+    """The question/answer pairs as plain text, one paragraph each, for causal mode."""
+    path.write_text("\n\n".join(f"Q: {r['question']}\nA: {r['answer']}" for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run(*args, **options) -> "finetune.Trainer":
+    """finetune.main in this process, with the flags every test wants (CPU, quiet, no reporting)."""
+    argv = [str(a) for a in args]
+    defaults = {"--use_cpu": "true", "--report_to": "none", "--disable_tqdm": "true", "--seed": "0"}
+    for key, value in {**defaults, **{f"--{k}": v for k, v in options.items()}}.items():
+        if key not in argv:
+            argv += [key, str(value)]
+    return finetune.main(argv)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(example_texts(), vocab_size=512, min_frequency=1)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("base"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with running_hub() as server:
+        yield server
+
+
+def subprocess_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised rows: template, masking, collator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.oldest
+def test_supervised_labels_cover_only_the_answer_and_eos(tokenizer):
+    template = PromptTemplate("English: {prompt}", "\nFrench:")
+    ids, labels, truncated = encode_pair(tokenizer, template, "the cat", " le chat", max_length=64)
+    prompt_len = len(template.prompt_ids(tokenizer, "the cat"))
+    assert not truncated and len(ids) == len(labels)
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids[:prompt_len]) == "<|bos|>English: the cat\nFrench:"
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert tokenizer.decode(labels[prompt_len:]) == " le chat<|eos|>"
+
+    rows = [{"input_ids": ids, "labels": labels}, {"input_ids": ids[:5], "labels": labels[:5]}]
+    batch = SupervisedCollator(tokenizer.pad_token_id)(rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, len(ids))
+    assert batch["input_ids"][1, 5:].eq(tokenizer.pad_token_id).all()
+    assert batch["labels"][1, 5:].eq(-100).all() and batch["attention_mask"][1, 5:].eq(0).all()
+    assert batch["labels"][0].tolist() == labels
+
+
+def test_build_datasets_uses_the_field_names_and_template(tokenizer, tmp_path):
+    args = finetune.DataArguments(train_file=str(QA), mode="supervised", prompt_field="question",
+                                  prompt_template="Q: {prompt}", separator="\nA:", validation_split_percentage=10)
+    train, held_out = finetune.build_datasets(args, tokenizer, max_length=64, seed=0)
+    assert len(train) + len(held_out) == len(read_jsonl(QA)) and len(held_out) == 8
+    row = train[0]
+    answer = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    prompt = tokenizer.decode(row["input_ids"][: len(row["input_ids"]) - len(answer)])
+    assert prompt.startswith("<|bos|>Q: ") and prompt.endswith("?\nA:")
+    assert tokenizer.decode(answer).endswith("<|eos|>")
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_causal_rows_packed_or_padded(tokenizer, tmp_path, packing):
+    docs = [r["answer"] + " " + r["question"] for r in read_jsonl(QA)[:12]]
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"body": d} for d in docs])
+    args = finetune.DataArguments(train_file=str(data), mode="causal", text_field="body", packing=packing)
+    train, _ = finetune.build_datasets(args, tokenizer, max_length=16, seed=0)
+    stream = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eos_token_id]]
+    if packing:  # one stream, EOS after each document, cut into full blocks (only the last may be shorter)
+        assert [t for row in train["input_ids"] for t in row] == stream
+        assert all(len(row) == 16 for row in train["input_ids"][:-1])
+    else:  # one row per document, cut to max_length
+        assert len(train) == len(docs) and max(len(row) for row in train["input_ids"]) == 16
+    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(list(train))
+    padding = batch["attention_mask"] == 0
+    assert batch["labels"][padding].eq(-100).all()
+    assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])  # every real token is a target
+    assert packing or padding.any()  # documents of different lengths were padded
+    with pytest.raises(ValueError, match="no field 'text'.*--text_field"):
+        finetune.build_datasets(finetune.DataArguments(train_file=str(data)), tokenizer, 16, 0)
+
+
+def test_bad_supervised_input_is_refused_with_a_fix(tokenizer, tmp_path, caplog):
+    args = finetune.DataArguments(train_file=str(QA), mode="supervised")  # QA names its field "question"
+    with pytest.raises(ValueError, match=r"no field 'prompt'.*'question'.*--prompt_field"):
+        finetune.build_datasets(args, tokenizer, 64, 0)
+
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "hello", "answer": "bonjour"},
+                                                   {"prompt": "thank you", "answer": "  "}])
+    with pytest.raises(ValueError, match=r"Row 2 of .*empty\.jsonl: the answer is empty"):
+        finetune.build_datasets(finetune.DataArguments(train_file=str(empty), mode="supervised"), tokenizer, 64, 0)
+
+    with pytest.raises(ValueError, match="no '{prompt}' placeholder"):
+        PromptTemplate("Translate:")
+
+    template = PromptTemplate()
+    long_prompt = " ".join(["the cat and the dog"] * 20)
+    with pytest.raises(ValueError, match=r"exceed max_length=32.*--truncation left"):
+        encode_pair(tokenizer, template, long_prompt, "le chat", 32, truncation="error")
+    ids, labels, truncated = encode_pair(tokenizer, template, long_prompt, "le chat", 32, truncation="left")
+    assert truncated and len(ids) == 32 and ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode([t for t in labels if t != -100]) == "le chat<|eos|>"  # the answer is whole
+    with pytest.raises(ValueError, match="the answer alone is"):
+        encode_pair(tokenizer, template, "hello", long_prompt, 16, truncation="left")
+
+    long_rows = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "answer": "le chat"}] * 3)
+    caplog.set_level(logging.WARNING, logger="train.finetune")
+    finetune.build_datasets(finetune.DataArguments(train_file=str(long_rows), mode="supervised"), tokenizer, 32, 0)
+    assert "3 of 3 rows" in caplog.text and "lost tokens on the left" in caplog.text
+    with pytest.raises(ValueError, match="--truncation"):
+        finetune.build_datasets(
+            finetune.DataArguments(train_file=str(long_rows), mode="supervised", truncation="error"), tokenizer, 32, 0
+        )
+
+
+def test_arguments_from_a_json_file_with_command_line_overrides(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_name_or_path": "m", "mode": "supervised", "learning_rate": 0.25,
+                                  "lora": True, "lora_target_modules": "all-linear", "output_dir": "o"}))  # fmt: skip
+    model_args, data_args, _, training_args = finetune.parse_args([str(config), "--learning_rate", "0.5"])
+    assert (model_args.model_name_or_path, data_args.mode, training_args.output_dir) == ("m", "supervised", "o")
+    assert model_args.lora and model_args.lora_target_modules == "all-linear"
+    assert training_args.learning_rate == 0.5  # the command line wins over the file
+
+
+def test_mismatched_tokenizer_and_model_vocabulary_is_refused(tmp_path, tokenizer):
+    small = make_checkpoint(tmp_path / "small", tokenizer, vocab_size=300)  # the model embeds 300 of 512 ids
+    with pytest.raises(ValueError, match=r"tokenizer has 512 tokens but the model embeds only 300"):
+        run("--model_name_or_path", small, "--train_file", EN_FR, "--mode", "supervised",
+            "--output_dir", tmp_path / "out", max_steps=1)  # fmt: skip
+
+
+def test_unknown_mode_and_missing_data_are_refused(base, tmp_path):
+    with pytest.raises(ValueError, match="--mode 'sft' is unknown"):
+        run("--model_name_or_path", base, "--train_file", EN_FR, "--mode", "sft", "--output_dir", tmp_path, max_steps=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run("--model_name_or_path", base, "--train_file", tmp_path / "nope.jsonl", "--output_dir", tmp_path,
+            max_steps=1)  # fmt: skip
+    with pytest.raises(ValueError, match="needs held-out data"):
+        run("--model_name_or_path", base, "--train_file", EN_FR, "--mode", "supervised", "--output_dir", tmp_path,
+            max_steps=1, eval_strategy="steps")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning end to end, and the output folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_translation_pairs_are_learned_and_the_output_is_a_complete_checkpoint(base, tmp_path):
+    out = tmp_path / "en_fr"
+    run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir", out,
+        max_steps=300, per_device_train_batch_size=16, learning_rate=3e-3, warmup_steps=10,
+        lr_scheduler_type="cosine", save_steps=150, logging_steps=50)  # fmt: skip
+
+    model, tokenizer = lm_eval.load_model(str(out))
+    pairs = [(r["prompt"], r["answer"]) for r in read_jsonl(EN_FR)]
+    result = lm_eval.pair_metrics(model, tokenizer, pairs, PromptTemplate.load(out), batch_size=50)
+    print(f"\nEN->FR exact match after 300 steps: {result['exact_match']:.0%} of {len(pairs)}, "
+          f"chrF {result['chrf']:.1f}, answer perplexity {result['answer_perplexity']:.3f}")
+    assert result["exact_match"] >= 0.8, result["predictions"]
+
+    # complete checkpoints: the final folder and the intermediate checkpoint-N alike
+    for folder in (out, out / "checkpoint-150"):
+        present = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "modeling_minigpt.py", "configuration_minigpt.py",
+                "tokenizer.json", "tokenizer_config.json", "generation_config.json", "prompt_template.json"} <= present
+        assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+            "modeling_minigpt.MiniGPTForCausalLM"
+        )
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == 0
+
+    # without the package (trust_remote_code: the code files in the folder), through AutoModelForCausalLM and pipeline
+    script = """
+import json, sys
+from transformers import AutoModelForCausalLM, pipeline
+for folder in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+generate = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
+out = generate("<|bos|>hello\\n", max_new_tokens=8, do_sample=False, return_full_text=False)
+assert "modeling_minigpt" not in sys.modules
+print(json.dumps(out[0]["generated_text"]))
+"""
+    proc = subprocess.run([PYTHON, "-c", script, str(out), str(out / "checkpoint-150")], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]).strip() == result["predictions"][0]  # "hello" row
+
+
+@pytest.mark.oldest
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer):
+    # four rows whose answers differ a lot in length: averaging per micro-batch would weight tokens unequally
+    rows = [{"prompt": "one", "answer": "un"}, {"prompt": "two", "answer": "deux"},
+            {"prompt": "my mother", "answer": "ma mère et mon père sont ici, je mange du pain"},
+            {"prompt": "I read", "answer": "je lis un vieux livre dans la maison de mon frère aujourd'hui"}]
+    data = write_jsonl(tmp_path / "four.jsonl", rows)
+    # a wide init spreads the per-token losses, so that how tokens are weighted changes the mean
+    base = make_checkpoint(tmp_path / "base", tokenizer, initializer_range=0.5)
+    common = dict(max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0,
+                  max_grad_norm=0.0, logging_steps=1, save_strategy="no")
+    big = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", data, "--output_dir",
+              tmp_path / "big", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common)
+    accumulated = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", data, "--output_dir",
+                      tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common)
+
+    # the loss Trainer logged equals the token-mean loss over all four rows, computed by the model itself
+    model = AutoModelForCausalLM.from_pretrained(base)
+    args = finetune.DataArguments(train_file=str(data), mode="supervised")
+    train, _ = finetune.build_datasets(args, tokenizer, 64, 0)
+    batch = SupervisedCollator(tokenizer.pad_token_id)(list(train))
+    with torch.no_grad():
+        true_loss = model(**batch).loss.item()
+        per_row = [model(**SupervisedCollator(0)([r])).loss.item() for r in train]
+    counts = [sum(label != -100 for label in r["labels"][1:]) for r in train]
+    logged = [h["loss"] for h in (big.state.log_history[0], accumulated.state.log_history[0])]
+    assert logged == pytest.approx([true_loss, true_loss], rel=1e-5)
+    # ...which a per-micro-batch mean would miss for every way of splitting the rows 2 + 2
+    for pair in ((0, 1), (0, 2), (0, 3)):
+        other = tuple(i for i in range(4) if i not in pair)
+        naive = sum(sum(per_row[i] * counts[i] for i in p) / sum(counts[i] for i in p) for p in (pair, other)) / 2
+        assert abs(naive - true_loss) > 1e-2
+
+    # one SGD step with lr 1 moves each weight by -grad: equal weights mean equal gradients
+    before = model.state_dict()
+    for name, param in big.model.state_dict().items():
+        torch.testing.assert_close(accumulated.model.state_dict()[name], param, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(big.model.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                           before["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+
+
+def test_eval_best_model_early_stopping_save_limit_tensorboard_checkpointing_bf16(base, tmp_path):
+    data = qa_text_file(tmp_path / "qa.txt", read_jsonl(QA))
+    out = tmp_path / "out"
+    # metric "loss" with greater_is_better: the *worst* eval loss, that of the first evaluation, counts as best, and
+    # a huge threshold means no later evaluation improves, so early stopping ends the run after 3 evaluations
+    trainer = run("--model_name_or_path", base, "--mode", "causal", "--train_file", data, "--output_dir", out,
+                  "--load_best_model_at_end", "true", "--gradient_checkpointing", "true", "--bf16", "true",
+                  validation_split_percentage=20, max_length=32, max_steps=40, per_device_train_batch_size=4,
+                  learning_rate=3e-3, eval_strategy="steps", eval_steps=2, save_steps=2, save_total_limit=2,
+                  metric_for_best_model="loss", greater_is_better="true", early_stopping_patience=2,
+                  early_stopping_threshold=100.0, report_to="tensorboard", logging_steps=1)  # fmt: skip
+    state = trainer.state
+    evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
+    assert state.global_step == 6 and len(evals) >= 3  # stopped early, at the 3rd evaluation
+    assert evals[0] > evals[2]  # the loss did fall, so checkpoint-2 is "best" only by the inverted criterion
+    assert state.best_model_checkpoint == str(out / "checkpoint-2")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]  # limit 2, best kept
+    final, best, last = weights(out), weights(out / "checkpoint-2"), weights(out / "checkpoint-6")
+    assert all(torch.equal(final[k], best[k]) for k in final)
+    assert not all(torch.equal(final[k], last[k]) for k in final)
+    assert "eval_perplexity" in json.loads((out / "eval_results.json").read_text())
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "no tensorboard event file"
+    assert all(layer.gradient_checkpointing for layer in trainer.model.model.layers)
+    assert trainer.accelerator.mixed_precision == "bf16"
+
+
+@pytest.mark.oldest
+def test_resume_from_checkpoint_continues_exactly(base, tmp_path):
+    data = qa_text_file(tmp_path / "qa.txt", read_jsonl(QA))
+    common = dict(max_length=32, max_steps=6, save_steps=3, per_device_train_batch_size=4, learning_rate=3e-3)
+    run("--model_name_or_path", base, "--train_file", data, "--output_dir", tmp_path / "a", **common)
+    resumed = run("--model_name_or_path", base, "--train_file", data, "--output_dir", tmp_path / "b",
+                  resume_from_checkpoint=tmp_path / "a" / "checkpoint-3", **common)  # fmt: skip
+    assert resumed.state.global_step == 6
+    assert not (tmp_path / "b" / "checkpoint-3").exists()  # steps 1-3 were not redone
+    straight, continued = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for name in straight:
+        torch.testing.assert_close(continued[name], straight[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA device")
+def test_fp16_on_cuda(base, tmp_path):
+    trainer = finetune.main(["--model_name_or_path", str(base), "--train_file", str(EN_FR), "--mode", "supervised",
+                             "--output_dir", str(tmp_path), "--max_steps", "3", "--fp16", "true",
+                             "--report_to", "none"])  # fmt: skip
+    assert trainer.accelerator.mixed_precision == "fp16" and trainer.state.global_step == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: by path with a YAML file, accelerate launch with 2 processes, push to a local Hub
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_by_path_with_yaml_and_push_to_a_local_hub(base, tmp_path, hub):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model_name_or_path: {base}\nmode: supervised\ntrain_file: {QA}\nprompt_field: question\n"
+        f"prompt_template: 'Q: {{prompt}}'\nseparator: \"\\nA:\"\noutput_dir: {tmp_path / 'out'}\nmax_steps: 50\n"
+        "per_device_train_batch_size: 4\nuse_cpu: true\nreport_to: none\nsave_strategy: 'no'\n"
+    )
+    # 2 real ranks on CPU (gloo); the script by path, its arguments from the YAML file plus overrides
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "finetune.py"), str(config),
+           "--max_steps", "3", "--push_to_hub", "true", "--hub_model_id", "alice/minigpt-qa"]  # fmt: skip
+    env = hub_env(hub, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 per device x 1 accumulation x 2 processes = 8 rows per optimizer step" in proc.stderr
+    out = tmp_path / "out"
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3  # the override won
+    template = json.loads((out / "prompt_template.json").read_text())
+    assert template["prompt_template"] == "Q: {prompt}" and template["separator"] == "\nA:"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not torch.equal(model.lm_head.weight, weights(base)["model.embed_tokens.weight"])  # it trained
+
+    files = hub.files("alice/minigpt-qa")  # pushed once, by rank 0, through hub.push.push_folder
+    assert {"config.json", "model.safetensors", "modeling_minigpt.py", "tokenizer.json", "prompt_template.json",
+            "generation_config.json"} <= set(files)
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    assert len(hub.repos["alice/minigpt-qa"].history("main")) <= 2  # creation (if any) and one upload
+
+    bad = config.with_name("bad.yaml")
+    bad.write_text(config.read_text() + "learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown arguments \['learning_rat'\]"):
+        finetune.parse_args([str(bad)])
+
+
+def test_finetune_starts_from_a_checkpoint_converted_from_gpt2(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hub.convert_gpt2 import gpt2_to_minigpt
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=1, eos_token_id=2, pad_token_id=0))  # fmt: skip
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    gpt2_to_minigpt(str(tmp_path / "gpt2"), str(tmp_path / "converted"))
+    trainer = run("--model_name_or_path", tmp_path / "converted", "--mode", "supervised", "--train_file", EN_FR,
+                  "--output_dir", tmp_path / "out", max_steps=5, per_device_train_batch_size=8, learning_rate=1e-3,
+                  logging_steps=1)
+    assert trainer.model.config.model_type == "minigpt" and trainer.state.global_step == 5
+    history = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert history and all(math.isfinite(x) for x in history)
+    assert (tmp_path / "out" / "modeling_minigpt.py").is_file()
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_lowers_held_out_perplexity(tmp_path):
+    """train.pretrain on the default corpus (Shakespeare), then causal fine-tuning on most of the question/answer
+    set: the perplexity of the held-out questions and answers must fall, measured by train/evaluate.py."""
+    rows = read_jsonl(QA)
+    train_text, held_out = qa_text_file(tmp_path / "qa_train.txt", rows[:-16]), qa_text_file(
+        tmp_path / "qa_held_out.txt", rows[-16:])  # fmt: skip
+    pretrained = tmp_path / "pretrained"
+    pretrain = [PYTHON, "-m", "train.pretrain", "--n_layer", "2", "--n_head", "4", "--n_embd", "64",
+                "--block_size", "64", "--vocab_size", "512", "--tokenizer_train_mb", "1", "--max_steps", "100",
+                "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "10", "--eval_every", "0",
+                "--eval_batches", "2", "--log_every", "50", "--cpu", "--output_dir", str(pretrained),
+                "--data_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    proc = subprocess.run(pretrain, capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("--model_name_or_path", pretrained, "--mode", "causal", "--train_file", train_text,
+        "--output_dir", tmp_path / "finetuned", max_length=64, max_steps=40, per_device_train_batch_size=8,
+        learning_rate=1e-3, warmup_steps=5, save_strategy="no")  # fmt: skip
+
+    # both models side by side, each with its own tokenizer (here the same one)
+    after, before = lm_eval.main([str(tmp_path / "finetuned"), "--data", str(held_out), "--compare", str(pretrained)])
+    print(f"\nheld-out Q/A perplexity: {before['perplexity']:.2f} after pretraining -> {after['perplexity']:.2f} "
+          f"after fine-tuning (bits per byte {before['bits_per_byte']:.3f} -> {after['bits_per_byte']:.3f})")
+    assert after["num_tokens"] == before["num_tokens"]
+    assert after["perplexity"] < 0.8 * before["perplexity"]

@@ -1,0 +1,114 @@
+"""LoRA through peft on MiniGPT: which layers it adapts, save / reload / merge, bad target names, finetune --lora.
+
+MiniGPT's linear layers, the names LoRA targets: self_attn.qkv_proj, self_attn.o_proj, mlp.up_proj, mlp.down_proj
+(and lm_head, tied to the embeddings, which "all-linear" leaves out).
+"""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+from modeling_minigpt import MiniGPTForCausalLM
+from test_finetune import EN_FR, make_checkpoint, run, weights
+from train.finetune import DEFAULT_LORA_TARGETS, apply_lora
+
+ADAPTED = {f"model.layers.{i}.{name}" for i in range(2)
+           for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def adapted_layers(model) -> set[str]:
+    prefix = "base_model.model."
+    return {name[len(prefix) : -len(".lora_A")] for name, _ in model.named_modules() if name.endswith(".lora_A")}
+
+
+def greedy(model, prompt: torch.Tensor, n: int = 10) -> list[int]:
+    with torch.no_grad():
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False)[0].tolist()  # fmt: skip
+
+
+@pytest.mark.parametrize("targets", [DEFAULT_LORA_TARGETS, "all-linear"])
+def test_lora_adapts_the_four_projections_of_every_block(targets):
+    model = apply_lora(MiniGPTForCausalLM(tiny_config()), targets)
+    assert adapted_layers(model) == ADAPTED  # all-linear leaves out the (tied) LM head
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+
+
+def test_adapter_save_reload_and_merge_generate_the_same_tokens(tmp_path):
+    # random embeddings of the usual std 0.02 give logits too flat for LoRA's small update to move; widen them
+    base_dir = make_checkpoint(tmp_path / "base", n_embd=32, initializer_range=0.5)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), DEFAULT_LORA_TARGETS, r=8, alpha=32)
+    # teach the adapter one sequence, so that it changes what the model generates
+    torch.manual_seed(0)
+    sequence = torch.randint(3, 512, (1, 12))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    model.train()
+    losses = []
+    for _ in range(60):
+        loss = model(input_ids=sequence, labels=sequence).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-1] < losses[0] / 4
+    prompt = sequence[:, :2]
+    tokens = greedy(model, prompt)
+    assert tokens[:6] == sequence[0, :6].tolist()  # the adapter learned (the start of) the sequence...
+    assert greedy(AutoModelForCausalLM.from_pretrained(base_dir), prompt) != tokens  # ...the base model did not
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+    assert greedy(reloaded, prompt) == tokens
+
+    with torch.no_grad():
+        adapter_logits = reloaded(input_ids=sequence).logits
+    merged = reloaded.merge_and_unload()
+    assert type(merged) is MiniGPTForCausalLM and not adapted_layers(merged)
+    assert greedy(merged, prompt) == tokens
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=sequence).logits, adapter_logits, rtol=1e-4, atol=1e-4)
+
+    merged.save_pretrained(tmp_path / "merged")
+    assert greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), prompt) == tokens
+
+
+def test_target_modules_that_match_nothing_are_refused_with_the_available_names():
+    with pytest.raises(ValueError, match=r"\['q_proj', 'v_proj'\] match no module.*'o_proj', 'qkv_proj', 'up_proj'"):
+        apply_lora(MiniGPTForCausalLM(tiny_config()), "q_proj,v_proj")
+    with pytest.raises(ValueError, match=r"\['o_prj'\] match no module"):  # one typo among good names: peft is silent
+        apply_lora(MiniGPTForCausalLM(tiny_config()), "qkv_proj,o_prj")
+    with pytest.raises(ValueError, match="not found in the base model"):  # what peft alone says
+        get_peft_model(MiniGPTForCausalLM(tiny_config()), LoraConfig(target_modules=["q_proj"]))
+
+
+def test_finetune_with_lora_saves_the_adapter_and_the_merged_model(tmp_path):
+    base = make_checkpoint(tmp_path / "base")
+    out = tmp_path / "out"
+    trainer = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir", out,
+                  "--lora", "true", "--gradient_checkpointing", "true", lora_target_modules="all-linear",
+                  max_steps=20, learning_rate=1e-2, per_device_train_batch_size=8, save_steps=10)  # fmt: skip
+    assert isinstance(trainer.model, PeftModel)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+    assert (out / "checkpoint-10" / "adapter_model.safetensors").is_file()
+
+    before, after = weights(base), weights(out)
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen
+    assert not torch.equal(after["model.layers.0.self_attn.qkv_proj.weight"],
+                           before["model.layers.0.self_attn.qkv_proj.weight"])  # merged update  # fmt: skip
+
+    prompt = torch.tensor([[1, 60, 61, 10]])
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter").eval()
+    assert greedy(merged, prompt) == greedy(adapter, prompt)

@@ -1,0 +1,536 @@
+"""Fine-tune a MiniGPT checkpoint (or any causal LM folder) with transformers' `Trainer`.
+
+Trainer owns the loop, the optimizer, mixed precision, accumulation, evaluation, checkpoints and resume. This file
+owns what is specific to the data: reading it, the prompt template, the label masking and the collator.
+
+Two modes:
+  causal      plain text (.txt, one document per blank-line-separated paragraph, or .jsonl with --text_field),
+              packed into --max_length blocks (or one padded row per document with --packing false) and trained
+              with DataCollatorForLanguageModeling(mlm=False): every token is a target.
+  supervised  .jsonl pairs. Each row becomes
+                  [BOS] prompt_template with {prompt} = row[prompt_field], + separator | row[answer_field] EOS
+              with labels -100 on everything left of the bar (and on padding), so only the answer and its EOS
+              are learned. The template is saved as `prompt_template.json` in the output folder, where
+              train/evaluate.py picks it up.
+
+Arguments are our three dataclasses below plus transformers.TrainingArguments, parsed by HfArgumentParser from
+the command line, from a YAML/JSON file, or both (`finetune.py config.yaml --learning_rate 1e-4`):
+
+    python -m train.finetune --model_name_or_path runs/pretrain --mode supervised \
+        --train_file train/examples/en_fr.jsonl --output_dir runs/en_fr --max_steps 300
+    accelerate launch -m train.finetune config.yaml
+
+The output folder is a complete checkpoint (weights, config with auto_map and the modeling files, tokenizer,
+generation config), and so is every intermediate checkpoint-N folder.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from train.tokenizer import load_tokenizer
+
+logger = logging.getLogger("train.finetune")
+
+TEMPLATE_FILE = "prompt_template.json"
+DEFAULT_LORA_TARGETS = "qkv_proj,o_proj,up_proj,down_proj"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder to start from (model + tokenizer): train.pretrain's output, a folder "
+                  "converted from GPT-2 by hub.convert_gpt2, or any causal LM folder."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder, if it is not the model folder."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the modeling code stored in a non-MiniGPT checkpoint folder."}
+    )
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all the weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator (the update is alpha / r * B A)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS,
+        metadata={"help": "Comma-separated module names to adapt, or 'all-linear' (every Linear but the LM head). "
+                  "MiniGPT's are qkv_proj, o_proj (attention) and up_proj, down_proj (MLP)."},
+    )
+    merge_lora: bool = field(
+        default=True,
+        metadata={"help": "Save the merged model in output_dir (the adapter alone goes to output_dir/adapter)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": ".txt or .jsonl (causal), .jsonl (supervised)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out file in the same format."})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Percent of train_file held out for evaluation when no validation_file."}
+    )
+    mode: str = field(default="causal", metadata={"help": "causal (plain text) or supervised (prompt/answer pairs)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Tokens per training row (the block size when packing); default: the "
+                                "model's context (n_positions)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "causal .jsonl: the field holding the text."})
+    packing: bool = field(
+        default=True, metadata={"help": "causal: concatenate documents (EOS between) into full blocks; "
+                                "false: one row per document, truncated and padded."}
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "supervised: the field holding the prompt."})
+    answer_field: str = field(default="answer", metadata={"help": "supervised: the field holding the answer."})
+    prompt_template: str = field(
+        default="{prompt}", metadata={"help": "supervised: how a prompt is written, must contain {prompt}."}
+    )
+    separator: str = field(
+        default="\n", metadata={"help": "supervised: text between prompt and answer. It ends the prompt (prompt and "
+                                "answer are tokenized apart), so prefer a newline or ':' to a trailing space."}
+    )
+    add_bos: bool = field(default=True, metadata={"help": "supervised: start each row with the BOS token."})
+    truncation: str = field(
+        default="left",
+        metadata={"help": "supervised, for a row longer than max_length: 'left' drops the start of the prompt "
+                  "(with a warning), 'error' refuses."},
+    )
+
+
+@dataclass
+class ExtraArguments:
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement (needs evaluation, "
+                                "--load_best_model_at_end and save/eval on the same steps)."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "The least change of the metric that counts as an improvement."}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised pairs: the template and the label masking
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptTemplate:
+    """How a (prompt, answer) pair becomes tokens. Shared with train/evaluate.py, which must build prompts the
+    same way at generation time; `save`/`load` carry it in the checkpoint folder."""
+
+    prompt_template: str = "{prompt}"
+    separator: str = "\n"
+    add_bos: bool = True
+
+    def __post_init__(self):
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r} has no '{{prompt}}' placeholder; write where the prompt "
+                "goes, e.g. --prompt_template 'English: {prompt}'."
+            )
+
+    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+        text = self.prompt_template.replace("{prompt}", prompt) + self.separator
+        bos = [tokenizer.bos_token_id] if self.add_bos and tokenizer.bos_token_id is not None else []
+        return bos + tokenizer.encode(text, add_special_tokens=False)
+
+    def answer_ids(self, tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+        return tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+    def save(self, folder: str | os.PathLike):
+        (Path(folder) / TEMPLATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "PromptTemplate | None":
+        path = Path(folder) / TEMPLATE_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def template_of(args: DataArguments) -> PromptTemplate:
+    return PromptTemplate(args.prompt_template, args.separator, args.add_bos)
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    template: PromptTemplate,
+    prompt,
+    answer,
+    max_length: int,
+    truncation: str = "left",
+    row: int | str = "?",
+) -> tuple[list[int], list[int], bool]:
+    """Token ids and labels of one pair; labels are -100 on the prompt. Returns (input_ids, labels, truncated)."""
+    if not isinstance(prompt, str) or not isinstance(answer, str):
+        raise ValueError(
+            f"Row {row}: prompt and answer must be strings, got {type(prompt).__name__} and "
+            f"{type(answer).__name__}; fix the row or pick other fields with --prompt_field/--answer_field."
+        )
+    if not answer.strip():
+        raise ValueError(f"Row {row}: the answer is empty, so there is nothing to learn; drop the row or fill it in.")
+    prompt_ids = template.prompt_ids(tokenizer, prompt)
+    answer_ids = template.answer_ids(tokenizer, answer)
+    excess = len(prompt_ids) + len(answer_ids) - max_length
+    truncated = excess > 0
+    if truncated:
+        if truncation != "left":
+            raise ValueError(
+                f"Row {row}: prompt ({len(prompt_ids)} tokens) + answer ({len(answer_ids)}) exceed max_length="
+                f"{max_length}. Shorten the row, raise --max_length (up to the model's context), or pass "
+                "--truncation left to drop the start of long prompts."
+            )
+        keep_bos = 1 if template.add_bos and tokenizer.bos_token_id is not None else 0
+        if len(prompt_ids) - keep_bos - excess < 1:
+            raise ValueError(
+                f"Row {row}: the answer alone is {len(answer_ids)} tokens (with EOS) and does not fit in "
+                f"max_length={max_length} with at least one prompt token; shorten the answer or raise --max_length."
+            )
+        prompt_ids = prompt_ids[:keep_bos] + prompt_ids[keep_bos + excess :]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, truncated
+
+
+@dataclass
+class SupervisedCollator:
+    """Right-pads a batch of supervised rows: input_ids with the pad id, labels with -100, attention_mask 0."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            T = math.ceil(T / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for r in rows:
+            n = T - len(r["input_ids"])
+            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * n)
+            batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * n)
+            batch["labels"].append(list(r["labels"]) + [-100] * n)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}  # each (B, T)
+
+
+class SaveTemplateCallback(TrainerCallback):
+    """Copies the prompt template into every checkpoint-N folder, so that each one evaluates on its own."""
+
+    def __init__(self, template: PromptTemplate):
+        self.template = template
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.template.save(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_rows(path: str, mode: str) -> datasets.Dataset:
+    """Read a data file into a Dataset: .txt -> one row per paragraph in `text`, .jsonl/.json -> one per record."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Data file {path} does not exist; pass an existing --train_file/--validation_file.")
+    suffix = Path(path).suffix
+    if suffix == ".txt" and mode == "causal":
+        return datasets.load_dataset("text", data_files=path, sample_by="paragraph", split="train")
+    if suffix in (".jsonl", ".json"):
+        return datasets.load_dataset("json", data_files=path, split="train")
+    wanted = ".txt or .jsonl" if mode == "causal" else ".jsonl with prompt and answer fields"
+    raise ValueError(f"{path}: cannot read a {suffix or 'suffix-less'} file in {mode} mode; pass a {wanted} file.")
+
+
+def tokenize_supervised(rows: datasets.Dataset, tokenizer, template: PromptTemplate, args: DataArguments,
+                        max_length: int, name: str) -> datasets.Dataset:
+    for key in (args.prompt_field, args.answer_field):
+        if key not in rows.column_names:
+            raise ValueError(
+                f"{name} has no field {key!r}; its fields are {rows.column_names}. Name the prompt and answer fields "
+                "with --prompt_field and --answer_field."
+            )
+
+    def encode(batch, indices):
+        out = {"input_ids": [], "labels": [], "truncated": []}
+        for i, prompt, answer in zip(indices, batch[args.prompt_field], batch[args.answer_field]):
+            ids, labels, truncated = encode_pair(
+                tokenizer, template, prompt, answer, max_length, args.truncation, row=f"{i + 1} of {name}"
+            )
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+        return out
+
+    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names)
+    truncated = sum(encoded["truncated"])
+    if truncated:
+        logger.warning(
+            "%d of %d rows of %s were longer than max_length=%d; their prompts lost tokens on the left.",
+            truncated, len(encoded), name, max_length,
+        )
+    return encoded.remove_columns("truncated")
+
+
+def tokenize_causal(rows: datasets.Dataset, tokenizer, args: DataArguments, max_length: int, name: str):
+    if args.text_field not in rows.column_names:
+        raise ValueError(
+            f"{name} has no field {args.text_field!r}; its fields are {rows.column_names}. Pass --text_field."
+        )
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        docs = [tokenizer.encode(t, add_special_tokens=False) + [eos] for t in batch[args.text_field] if t.strip()]
+        if not args.packing:
+            return {"input_ids": [d[:max_length] for d in docs]}
+        # pack: one stream of documents separated by EOS, cut into max_length blocks (the tail block is shorter)
+        stream = [t for d in docs for t in d]
+        return {"input_ids": [stream[i : i + max_length] for i in range(0, len(stream), max_length)]}
+
+    encoded = rows.map(encode, batched=True, batch_size=10_000, remove_columns=rows.column_names)
+    if len(encoded) == 0:
+        raise ValueError(f"{name} holds no text; fill the file or pick the right --text_field.")
+    return encoded
+
+
+def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
+    """(train, eval or None), tokenized: rows of input_ids (and labels in supervised mode)."""
+    if args.mode not in ("causal", "supervised"):
+        raise ValueError(f"--mode {args.mode!r} is unknown; use causal (plain text) or supervised (pairs).")
+    if args.truncation not in ("left", "error"):
+        raise ValueError(f"--truncation {args.truncation!r} is unknown; use left or error.")
+    if args.train_file is None:
+        raise ValueError("No --train_file; pass the text (causal) or the .jsonl pairs (supervised) to train on.")
+    train_rows = load_rows(args.train_file, args.mode)
+    eval_rows = load_rows(args.validation_file, args.mode) if args.validation_file else None
+    if eval_rows is None and args.validation_split_percentage > 0:
+        split = train_rows.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        train_rows, eval_rows = split["train"], split["test"]
+
+    def tokenize(rows, name):
+        if args.mode == "causal":
+            return tokenize_causal(rows, tokenizer, args, max_length, name)
+        return tokenize_supervised(rows, tokenizer, template_of(args), args, max_length, name)
+
+    train = tokenize(train_rows, args.train_file)
+    evaluation = tokenize(eval_rows, args.validation_file or "the validation split") if eval_rows else None
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model: loading, vocabulary check, LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_vocab(tokenizer, model):
+    """A token id past the embedding table crashes deep inside the first forward; say it up front."""
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab_size}: they do not belong "
+            "together. Pass the tokenizer the model was trained with (--tokenizer_name_or_path), or start from a "
+            "checkpoint built for this tokenizer."
+        )
+    if vocab_size - len(tokenizer) >= 128:  # padding to a multiple of 64 is normal; more means another tokenizer
+        logger.warning("The model embeds %d ids but the tokenizer has only %d tokens; is it the right tokenizer?",
+                       vocab_size, len(tokenizer))
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of the Linear layers, the names LoRA's target_modules match against."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def apply_lora(model, target_modules: str | list[str] = DEFAULT_LORA_TARGETS, r: int = 8, alpha: int = 16,
+               dropout: float = 0.0):
+    """Wrap `model` in a peft LoRA model. Every target name must match a module: peft alone only fails when none
+    does, so a typo among several names would silently leave that layer untrained."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    if target_modules != "all-linear":
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in target_modules if t not in names]
+        if missing or not target_modules:
+            raise ValueError(
+                f"LoRA target modules {missing or target_modules} match no module of {type(model).__name__}. "
+                f"Its linear layers are {linear_module_names(model)}; list some of those, or pass 'all-linear'."
+            )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments and main
+# ---------------------------------------------------------------------------------------------------------------
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ExtraArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Command line, or a YAML/JSON file as the first argument with command-line overrides after it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = Path(argv.pop(0))
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        import yaml  # JSON is a subset of YAML
+
+        values = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown arguments {unknown}; see `python -m train.finetune --help`.")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    model_args, data_args, extra_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logger.setLevel(logging.WARNING)
+    if model_args.model_name_or_path is None:
+        raise ValueError("No --model_name_or_path; pass a checkpoint folder (model + tokenizer) to start from.")
+    set_seed(training_args.seed)
+
+    if training_args.ddp_find_unused_parameters is None:  # every parameter takes part in every forward
+        training_args.ddp_find_unused_parameters = False
+    # Hub pushes go through hub.push at the end, not through Trainer (which would create the repo at start-up).
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/minigpt-en-fr).")
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    check_vocab(tokenizer, model)
+    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    max_length = data_args.max_length or context
+    if max_length > context:
+        raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
+    # generate() reads these from generation_config.json: stop at EOS, pad with the tokenizer's pad id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+    with training_args.main_process_first(desc="tokenizing"):
+        train_set, eval_set = build_datasets(data_args, tokenizer, max_length, training_args.seed)
+    if training_args.eval_strategy != "no" and eval_set is None:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy} needs held-out data: pass --validation_file or "
+            "--validation_split_percentage."
+        )
+    if data_args.mode == "causal":
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            logger.warning("The tokenizer pads with its EOS token, so the collator also masks EOS out of the labels.")
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    else:
+        collator = SupervisedCollator(tokenizer.pad_token_id)
+
+    if model_args.lora:
+        model = apply_lora(model, model_args.lora_target_modules, model_args.lora_r, model_args.lora_alpha,
+                           model_args.lora_dropout)
+        if training_args.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need an input with grad
+            model.enable_input_require_grads()
+
+    callbacks = []
+    if data_args.mode == "supervised":
+        callbacks.append(SaveTemplateCallback(template_of(data_args)))
+    if extra_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(extra_args.early_stopping_patience,
+                                               extra_args.early_stopping_threshold))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    log_plan(trainer, train_set, max_length)
+
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint-N in output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", result.metrics)
+
+    if eval_set is not None:
+        metrics = trainer.evaluate()
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    save_final(trainer, tokenizer, model_args, data_args, training_args.output_dir)
+    if push_to_hub and trainer.is_world_process_zero():
+        from hub.push import push_folder  # only now: pushing is optional and needs huggingface_hub set up
+
+        push_folder(
+            training_args.output_dir,
+            training_args.hub_model_id,
+            private=bool(training_args.hub_private_repo),
+            commit_message=f"Fine-tune ({data_args.mode}) on {Path(data_args.train_file).name}",
+        )
+    return trainer
+
+
+def log_plan(trainer: Trainer, train_set: datasets.Dataset, max_length: int):
+    """The derived numbers, printed before the first step."""
+    args = trainer.args
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens = sum(len(ids) for ids in train_set["input_ids"])
+    logger.info(
+        "%d training rows, %d tokens (max_length %d); %d per device x %d accumulation x %d processes = %d rows per "
+        "optimizer step, %.1f steps per epoch; trainable parameters: %d",
+        len(train_set), tokens, max_length, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        args.world_size, rows_per_step, len(train_set) / rows_per_step,
+        sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    )
+
+
+def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_args: DataArguments, output_dir: str):
+    """Write the complete checkpoint: weights, config + modeling files (auto_map), tokenizer, generation config,
+    and the prompt template in supervised mode. A LoRA run keeps its adapter in output_dir/adapter."""
+    model = trainer.model
+    if model_args.lora:
+        trainer.save_model(os.path.join(output_dir, "adapter"))
+        if not model_args.merge_lora:
+            return
+        model = model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        # save_pretrained copies the modeling files because MiniGPT registers itself with register_for_auto_class
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if data_args.mode == "supervised":
+            template_of(data_args).save(output_dir)
+        trainer.save_state()
+        logger.info("Saved the fine-tuned checkpoint to %s", output_dir)
+
+
+if __name__ == "__main__":
+    transformers.utils.logging.set_verbosity_warning()
+    main()

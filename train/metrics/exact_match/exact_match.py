@@ -1,0 +1,32 @@
+"""Exact match between generated and reference strings, as an `evaluate` metric module.
+
+    metric = evaluate.load(train.metrics.metric_path("exact_match"))
+    metric.compute(predictions=["bonjour"], references=["bonjour "])  # {"exact_match": 1.0}
+
+By default both sides are stripped of surrounding whitespace and nothing else is normalised: case and
+punctuation count (`ignore_case=True` relaxes the case).
+"""
+
+import datasets
+import evaluate
+
+
+class ExactMatch(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Fraction of predictions equal to their reference string.",
+            citation="",
+            inputs_description="predictions, references: lists of strings; strip, ignore_case: normalisation flags.",
+            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, references, strip: bool = True, ignore_case: bool = False):
+        if not predictions:
+            raise ValueError("Exact match needs at least one prediction.")
+
+        def norm(s: str) -> str:
+            s = s.strip() if strip else s
+            return s.lower() if ignore_case else s
+
+        hits = sum(norm(p) == norm(r) for p, r in zip(predictions, references))
+        return {"exact_match": hits / len(predictions), "num_examples": len(predictions)}
