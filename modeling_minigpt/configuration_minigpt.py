@@ -140,6 +140,11 @@ class MiniGPTConfig(PreTrainedConfig):
                 f"Rotary embeddings need an even head size, but n_embd / n_head = {self.n_embd // self.n_head}; "
                 "change n_embd or n_head, or use position_embedding_type='learned'."
             )
+        if self.position_embedding_type == "sinusoidal" and self.n_embd % 2 != 0:  # sin and cos pair up channels
+            raise ValueError(
+                f"Sinusoidal position embeddings need an even n_embd, got {self.n_embd}; "
+                "change n_embd, or use position_embedding_type='learned'."
+            )
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(
                 f"MiniGPTConfig.norm_position={self.norm_position!r} is unknown; use one of {list(NORM_POSITIONS)}."
@@ -152,16 +157,19 @@ class MiniGPTConfig(PreTrainedConfig):
             raise ValueError(f"MiniGPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
         if not self.rope_theta > 0:
             raise ValueError(f"MiniGPTConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
-        if not self.initializer_range >= 0:
-            raise ValueError(f"MiniGPTConfig.initializer_range must be >= 0, got {self.initializer_range!r}.")
+        if not 0 <= self.initializer_range <= 1:  # beyond 1 the logits overflow to inf and the loss to NaN
+            raise ValueError(
+                f"MiniGPTConfig.initializer_range must lie in [0, 1] (GPT-2 uses 0.02), got {self.initializer_range!r}."
+            )
         # an id outside the vocabulary crashes the embedding, or (eos) is never produced, so generation never stops
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             for token_id in value if isinstance(value, list) else [value]:
                 if token_id is not None and not (_is_int(token_id) and 0 <= token_id < self.vocab_size):
                     raise ValueError(
-                        f"MiniGPTConfig.{name}={value!r} is outside the vocabulary [0, {self.vocab_size}); "
-                        "use the tokenizer's ids (e.g. tokenizer.eos_token_id) or None, and a vocab_size >= len(tokenizer)."
+                        f"MiniGPTConfig.{name}={value!r} is outside the vocabulary [0, vocab_size={self.vocab_size}); "
+                        "use the tokenizer's ids (e.g. tokenizer.eos_token_id) or None, and a vocab_size that covers "
+                        "them (>= len(tokenizer))."
                     )
 
     @property

@@ -16,10 +16,13 @@ the weights and `trust_remote_code=True` loads it without this package installed
 accepted (see `_pick_cache`).
 """
 
+import json
 import math
+import os
 from collections.abc import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -64,11 +67,13 @@ class MiniGPTSinusoidalPositions(nn.Module):
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
-        half = torch.arange(0, config.n_embd, 2, dtype=torch.float) / config.n_embd
-        self.inv_freq = nn.Buffer(1.0 / (10000.0**half), persistent=False)  # (C/2,)
+        self.n_embd = config.n_embd
 
     def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
-        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, C/2)
+        # the frequencies are made here in fp32, not kept in a buffer: `model.to(torch.bfloat16)` would round a
+        # buffer too, and the rounding moves position 1000 by whole radians
+        half = torch.arange(0, self.n_embd, 2, device=position_ids.device, dtype=torch.float) / self.n_embd
+        angles = position_ids[..., None].float() / (10000.0**half)  # (B, T, C/2)
         # interleave so that even channels hold sin and odd ones cos, as in the paper
         return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (B, T, C)
 
@@ -79,14 +84,13 @@ class MiniGPTRotaryEmbedding(nn.Module):
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
-        dim = config.head_dim
-        self.inv_freq = nn.Buffer(
-            1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), persistent=False
-        )  # (hs/2,)
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hs/2)
+        # fp32 frequencies made here rather than a buffer that `model.to(torch.bfloat16)` would round (see above)
+        exponents = torch.arange(0, self.head_dim, 2, device=position_ids.device, dtype=torch.float) / self.head_dim
+        freqs = position_ids[..., None].float() / (self.rope_theta**exponents)  # (B, T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
@@ -104,6 +108,10 @@ def apply_rotary_pos_emb(q, k, cos, sin):
 # ---------------------------------------------------------------------------------------------------------------
 # Attention and feed-forward
 # ---------------------------------------------------------------------------------------------------------------
+
+# GPT-2's `gelu_new` is the tanh GELU written as 8 elementwise ops, each saving a tensor for backward; PyTorch's
+# fused kernel computes the same function (to 1 ulp) in one, which makes eager training faster and leaner.
+_FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 
 def eager_attention_forward(
@@ -195,7 +203,7 @@ class MiniGPTMLP(nn.Module):
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
-        self.act_fn = ACT2FN[config.activation_function]
+        self.act_fn = ACT2FN[_FUSED_ACTIVATIONS.get(config.activation_function, config.activation_function)]
         self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.resid_pdrop)
@@ -256,6 +264,23 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": MiniGPTBlock, "attentions": MiniGPTAttention}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader plus one check: a truncated or corrupted weight file (a save killed halfway, a
+        partial copy, a full disk) fails with an error that names the file; safetensors' own message ("incomplete
+        metadata, file not fully covered") names none."""
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(folder):
+            for path in _weight_files(folder):
+                check_safetensors_file(path)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as err:  # a file that came from the Hub cache
+            raise OSError(
+                f"A weight file of {pretrained_model_name_or_path!r} is truncated or corrupted ({err}); "
+                "download it again with from_pretrained(..., force_download=True)."
+            ) from err
+
     def _init_weights(self, module: nn.Module):
         """GPT-2's init: N(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorms,
         and the two residual output projections of each block scaled down by 1/sqrt(2 * n_layer), because each
@@ -273,10 +298,34 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        if isinstance(module, MiniGPTSinusoidalPositions):  # non-persistent buffers are rebuilt, not loaded
-            init.copy_(module.inv_freq, MiniGPTSinusoidalPositions(self.config).inv_freq)
-        if isinstance(module, MiniGPTRotaryEmbedding):
-            init.copy_(module.inv_freq, MiniGPTRotaryEmbedding(self.config).inv_freq)
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files from_pretrained reads in `folder`: model.safetensors, or the shards of its index."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # cut short, or not the index format
+            raise OSError(f"{index} is truncated or corrupted ({err!r}); restore it or save the model again.") from err
+    else:
+        names = ["model.safetensors"]
+    return [os.path.join(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise an OSError naming `path` unless it is a complete safetensors file. Reads the header only: safetensors
+    checks there that the tensors it lists cover the file exactly, which a truncated file fails. (A flipped bit
+    inside tensor data goes unseen: the format has no checksum.)"""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise OSError(
+            f"{path} is truncated or corrupted ({err}): it is not a complete safetensors file. Restore it from a "
+            "copy or save the model again; from a training run, resume from an earlier checkpoint."
+        ) from err
 
 
 class MiniGPTModel(MiniGPTPreTrainedModel):
@@ -391,6 +440,84 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
                 )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# LM head and loss
+# ---------------------------------------------------------------------------------------------------------------
+
+# Rows of hidden states per loss chunk: chunk x V logits (~64M values: 256 MB in fp32) are all that exist at once.
+_LOSS_CHUNK_ELEMENTS = 2**26
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T`, chunk by chunk, with the gradients worked out in the forward pass
+    (d loss / d logits = softmax - onehot), so that no [N, V] logits, log-probabilities or their gradient are
+    kept for the backward pass; backward only scales the two stored gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale, chunk, grad_hidden_needed, grad_weight_needed):
+        # hidden (N, C), weight (V, C), labels (N,) in [0, V), scale (N,): 1 / num_items, 0 where ignored
+        grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight_needed else None
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h, y, s = hidden[start : start + chunk], labels[start : start + chunk], scale[start : start + chunk]
+            logits = h @ weight.t()  # (n, V), in the autocast dtype when autocast is on
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V), fp32 for this chunk only
+            rows = torch.arange(y.shape[0], device=y.device)
+            loss = loss - (logprobs[rows, y] * s).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = logprobs.exp_()
+            grad_logits[rows, y] -= 1
+            grad_logits = grad_logits.to(logits.dtype)  # (n, V), unscaled: s is applied to the small operands
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk] = (grad_logits @ weight) * s[:, None]
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ (h * s[:, None]).to(h.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
+        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.LongTensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.LongTensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The causal-LM loss of transformers' `ForCausalLMLoss` on `hidden_states @ weight.T`, with the same value
+    and gradients, without ever holding the full [B, T, V] logits (or their fp32 copy)."""
+    if shift_labels is None:  # tokens < n predict n; the last position has no target
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, C)
+    labels = shift_labels.reshape(-1).to(hidden.device)  # (N,)
+    valid = labels != ignore_index
+    num_items = valid.sum() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(num_items):
+        num_items = num_items.to(hidden.device)
+    scale = valid / num_items  # (N,): the mean over targets, or the sum / num_items_in_batch
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(
+        hidden,
+        weight,
+        labels.clamp(min=0) * valid,
+        scale,
+        max(1, _LOSS_CHUNK_ELEMENTS // weight.shape[0]),
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+    )
+
+
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """MiniGPTModel plus the LM head (tied to the token embeddings unless `tie_word_embeddings=False`)."""
 
@@ -420,13 +547,19 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels: token ids to predict, aligned with `input_ids` (the shift happens inside the loss); -100 is ignored.
         logits_to_keep: if an int > 0, compute logits for the last that many positions only (generation needs 1);
             if a 1-D tensor, the positions to keep. 0 keeps all.
+        skip_logits: with `labels`, compute the loss from the hidden states chunk by chunk
+            (`fused_linear_cross_entropy`) and return `logits=None`: the same loss and gradients without holding
+            [B, T, V] logits, which makes training faster and leaner. The name is the one Trainer passes.
         """
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes only the loss, so it needs labels; pass labels or drop it.")
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -437,11 +570,13 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
-
-        loss = None
-        if labels is not None:
+        logits = loss = None
+        if skip_logits:
+            loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **kwargs)
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
+        if labels is not None and logits is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return CausalLMOutputWithPast(

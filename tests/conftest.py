@@ -29,3 +29,16 @@ def tiny_config(**overrides) -> MiniGPTConfig:
 def tiny_model():
     torch.manual_seed(0)
     return MiniGPTForCausalLM(tiny_config()).eval()
+
+
+# hypothesis profiles: "ci" (the default) keeps `make test` inside its time budget; `make test-long` sets
+# HYPOTHESIS_PROFILE=long. deadline=None: a forward's time varies with the machine's load, not with the input.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a dev extra; the property tests skip themselves without it
+    pass
+else:
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+    settings.register_profile("ci", max_examples=50, **_common)
+    settings.register_profile("long", max_examples=1000, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
