@@ -1,0 +1,128 @@
+"""train/generate.py: every strategy against transformers' own generate, seeds, streaming, and bad inputs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import make_corpus
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from train import generate
+from train.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "the king hath"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model with a real BPE tokenizer and generation defaults, saved like pretrain's output."""
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = train_tokenizer(make_corpus(60), vocab_size=300)
+    config = MiniGPTConfig(vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(config)
+    model.generation_config = GenerationConfig(do_sample=True, top_p=0.95, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(model_dir, *args) -> str:
+    return generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--no_stream", *map(str, args)])
+
+
+def reference(model_dir, seed=None, **kwargs) -> str:
+    """transformers' generate called directly, for comparison."""
+    from transformers import set_seed
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    if seed is not None:
+        set_seed(seed)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def test_greedy_matches_transformers_generate(model_dir):
+    text = run(model_dir, "--strategy", "greedy", "--max_new_tokens", 12)
+    assert text == reference(model_dir, do_sample=False, max_new_tokens=12)
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    assert run(model_dir, "--strategy", "greedy", "--max_new_tokens", 12, "--seed", 5) == text  # no randomness
+
+
+def test_degenerate_sampling_equals_greedy(model_dir):
+    greedy = run(model_dir, "--strategy", "greedy", "--max_new_tokens", 12)
+    assert run(model_dir, "--strategy", "top_k", "--top_k", 1, "--max_new_tokens", 12) == greedy
+    # a nucleus that holds only the likeliest token is greedy too
+    assert run(model_dir, "--strategy", "top_p", "--top_p", 1e-6, "--max_new_tokens", 12) == greedy
+
+
+@pytest.mark.parametrize("strategy", ["top_k", "top_p"])
+def test_sampling_is_reproducible_by_seed(model_dir, strategy):
+    texts = {seed: run(model_dir, "--strategy", strategy, "--seed", seed, "--max_new_tokens", 12) for seed in (0, 1, 2)}
+    assert run(model_dir, "--strategy", strategy, "--seed", 1, "--max_new_tokens", 12) == texts[1]
+    assert len(set(texts.values())) > 1, "different seeds should draw different text from a random model"
+    # the CLI's defaults: temperature 0.8 with k=50, or p=0.95
+    only = {"top_k": 50, "top_p": 1.0} if strategy == "top_k" else {"top_p": 0.95, "top_k": 0}
+    assert texts[0] == reference(model_dir, seed=0, do_sample=True, temperature=0.8, max_new_tokens=12, **only)
+
+
+def test_beam_search_matches_and_explains_that_it_cannot_stream(model_dir, capsys):
+    text = generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--strategy", "beam", "--num_beams", "3",
+                          "--max_new_tokens", "8"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert "beam search cannot stream" in captured.err
+    assert captured.out.strip() == text
+    assert text == reference(model_dir, do_sample=False, num_beams=3, early_stopping=True, max_new_tokens=8)
+
+
+def test_streaming_prints_the_same_text(model_dir, capsys):
+    text = generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--strategy", "greedy",
+                          "--max_new_tokens", "10"])  # fmt: skip
+    assert capsys.readouterr().out.strip() == text.strip()
+
+
+def test_empty_prompt_starts_a_new_document(model_dir):
+    text = generate.main(["--model", str(model_dir), "--strategy", "greedy", "--max_new_tokens", "8", "--no_stream"])
+    assert isinstance(text, str)
+
+
+def test_too_many_new_tokens_are_capped_to_the_positions(model_dir, capsys):
+    run(model_dir, "--strategy", "greedy", "--max_new_tokens", 500)
+    assert "the model accepts at most 64 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent"], "not a model folder"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--top_p", "1.5"], "--top_p must lie in (0, 1]"),
+        (["--strategy", "beam", "--num_beams", "1"], "--num_beams must be >= 2"),
+        (["--strategy", "nucleus"], "invalid choice"),
+        (["--prompt", "the king " * 80], "Shorten --prompt"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(model_dir, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", str(model_dir), *args])
+    assert e.value.code != 0
+    assert message in (e.value.code if isinstance(e.value.code, str) else "") + capsys.readouterr().err
+
+
+def test_script_runs_by_path_from_any_directory(model_dir, tmp_path):
+    cmd = [sys.executable, str(REPO / "train" / "generate.py"), "--model", str(model_dir), "--prompt", PROMPT,
+           "--strategy", "greedy", "--max_new_tokens", "12", "--no_stream"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == run(model_dir, "--strategy", "greedy", "--max_new_tokens", 12)

