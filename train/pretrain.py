@@ -167,13 +167,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"unknown keys {unknown} in {config}; valid keys are the --flags of --help.")
-        parser.set_defaults(**values)
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+        # as if typed before the command line: argparse checks the types, choices and lists (set_defaults would not,
+        # so `max_steps: null` or `data: a.txt` broke deep inside), and the command line still wins
+        argv = _config_argv(values) + argv
+    try:
+        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # stray tokens: HfArgumentParser raises where argparse would report a usage error
+        parser.error(f"{e}; each flag takes one value (--data takes several).")
     try:
         check_args(model_args, data_args, train_args)
     except (UsageError, DataError) as e:
         parser.error(str(e))
     return model_args, data_args, train_args
+
+
+def _config_argv(values: dict) -> list[str]:
+    """A config file's mapping as command-line tokens; null means the default."""
+    tokens = []
+    for key, value in values.items():
+        if value is None or key == "config":
+            continue
+        if isinstance(value, list):
+            tokens += [f"--{key}", *map(str, value)]
+        else:
+            tokens.append(f"--{key}={value}")
+    return tokens
 
 
 def _peek_config(argv: list[str]) -> str | None:
