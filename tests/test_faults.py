@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from test_data import make_corpus, write_txt
 from test_pretrain import fresh_accelerate_state, losses, tiny_args, weights  # noqa: F401  (autouse fixture)
 
-from train import pretrain
+from train.args import EXIT_NONFINITE
+from train.checkpoints import latest_checkpoint
 from train.pretrain import main
 
 WAIT_S = 180  # upper bound for any single wait on a subprocess: a timeout means a hang, never a slow machine
@@ -145,7 +146,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_use
 
     assert partial.is_dir() and not (ckpts / "step-6").exists()
     assert digest(ckpts / "step-3") == before
-    assert pretrain.latest_checkpoint(ckpts) == ckpts / "step-3"
+    assert latest_checkpoint(ckpts) == ckpts / "step-3"
     killed = losses(out)
     assert {4, 5, 6} <= killed.keys()
 
@@ -211,7 +212,7 @@ def test_full_disk_is_reported_retried_and_loses_nothing(corpus, tmp_path, proce
     # the only tracebacks are TensorBoard's writer thread dying (printed by threading), never the training loop's
     assert text.count("Traceback") == text.count("Exception in thread")
     assert digest(ckpts / "step-100") == before
-    assert pretrain.latest_checkpoint(ckpts) == ckpts / "step-100"
+    assert latest_checkpoint(ckpts) == ckpts / "step-100"
     assert not any(p.name.startswith("step-") and p.name != "step-100" for p in ckpts.iterdir())
 
     filler.unlink()  # space is back: the next save, or the one on SIGTERM, succeeds
@@ -219,7 +220,7 @@ def test_full_disk_is_reported_retried_and_loses_nothing(corpus, tmp_path, proce
     assert proc.wait(WAIT_S) == 0, output(proc)[-4000:]
     stop = stopped_step(output(proc))
     saved = ckpts / f"step-{stop}"
-    assert pretrain.latest_checkpoint(ckpts) == saved
+    assert latest_checkpoint(ckpts) == saved
     assert json.loads((saved / "train_state.json").read_text())["state"]["step"] == stop
     assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # no half-written line
@@ -297,13 +298,13 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(co
                      "--min_learning_rate", 0, "--warmup_steps", 0, "--max_grad_norm", 0)  # fmt: skip
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == pretrain.EXIT_NONFINITE
+    assert e.value.code == EXIT_NONFINITE
     err = capsys.readouterr().err
     assert "pretrain: error: the loss became" in err and "--skip_nonfinite" in err
     bad = int(err.split("the loss became ")[1].split(" at step ")[1].split(";")[0])
     last_good = ckpts / f"step-{bad - 1}"
     assert f"the last good checkpoint is {last_good}" in err
-    assert pretrain.latest_checkpoint(ckpts) == last_good and not (ckpts / f"step-{bad}").exists()
+    assert latest_checkpoint(ckpts) == last_good and not (ckpts / f"step-{bad}").exists()
     assert all(torch.isfinite(t).all() for t in weights(last_good).values())
     assert max(losses(out)) == bad - 1  # the bad step is not logged as a normal one
 
@@ -362,7 +363,7 @@ def test_two_ranks_one_killed_then_one_hung_the_other_fails_in_bounded_time_and_
     code = rank0.wait(120)  # a TimeoutExpired here is the hang this test exists to catch
     assert code > 0, f"rank 0 should fail by itself, got {code}:\n{output(rank0)[-3000:]}"
     print(f"rank 0 exited {time.monotonic() - start:.1f} s after rank 1 was killed")
-    resumed_from = pretrain.latest_checkpoint(ckpts)
+    resumed_from = latest_checkpoint(ckpts)
     step = int(resumed_from.name.split("-")[1])
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in resumed_from.iterdir()}
     before = losses(out)

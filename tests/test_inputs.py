@@ -21,7 +21,7 @@ import torch
 from test_data import make_corpus, write_txt
 from test_pretrain import fresh_accelerate_state, tiny_args  # noqa: F401  (autouse fixture)
 
-from train import pretrain
+from train.args import ModelArguments, TrainArguments, parse_args
 from train.pretrain import main
 
 
@@ -181,7 +181,7 @@ def _dataclass_fields() -> dict:
 
     from train.data import DataArguments
 
-    return {f.name: f for dc in (pretrain.ModelArguments, DataArguments, pretrain.TrainArguments) for f in fields(dc)}
+    return {f.name: f for dc in (ModelArguments, DataArguments, TrainArguments) for f in fields(dc)}
 
 
 def test_every_numeric_and_choice_argument_is_fuzzed():
@@ -258,7 +258,7 @@ def test_cli_fuzz_every_invalid_command_line_is_a_usage_error_naming_the_flag(da
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            pretrain.parse_args(_argv(values))
+            parse_args(_argv(values))
             outcome = None
         except SystemExit as e:
             outcome = e.code
@@ -303,7 +303,7 @@ def test_config_file_fuzz_wrong_types_are_usage_errors_never_crashes(config_dir,
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         try:
-            parsed = pretrain.parse_args(["--config", str(path)])
+            parsed = parse_args(["--config", str(path)])
         except SystemExit as e:
             assert e.code not in (None, 0) and "error" in (stderr.getvalue() + str(e.code)), values
             return
@@ -425,7 +425,7 @@ def test_a_folder_of_10k_tiny_files_loads_every_one(tmp_path):
 )
 def test_malformed_command_lines_are_usage_errors(capsys, argv, named):
     with pytest.raises(SystemExit) as e:
-        pretrain.parse_args(argv)
+        parse_args(argv)
     assert e.value.code not in (None, 0)
     assert named in capsys.readouterr().err + str(e.value.code)
 

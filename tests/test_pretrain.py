@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 from test_data import make_corpus, write_txt
 
-from train import pretrain
+from train.args import EXIT_NONFINITE, parse_args
+from train.checkpoints import latest_checkpoint
 from train.pretrain import get_lr, main, training_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,7 +271,7 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(corpu
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as e:
         main(tiny_args(corpus, out, "--max_steps", 10, "--save_every", 2, "--inject_nonfinite_at_step", 5))
-    assert e.value.code == pretrain.EXIT_NONFINITE
+    assert e.value.code == EXIT_NONFINITE
     err = capsys.readouterr().err
     assert "the loss became nan at step 5" in err and "step-4" in err and "--skip_nonfinite" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
@@ -336,7 +337,7 @@ def test_interrupted_save_leftovers_are_never_resumed_and_are_cleaned(corpus, tm
 
     shutil.copytree(ckpts / "keep", ckpts / ".tmp-step-4")
     (ckpts / "keep").rename(ckpts / "step-2")
-    assert pretrain.latest_checkpoint(ckpts) == ckpts / "step-2"
+    assert latest_checkpoint(ckpts) == ckpts / "step-2"
     result = main(tiny_args(corpus, out, "--max_steps", 6, "--resume", "latest"))
     assert "Removing the incomplete checkpoint folder" in capsys.readouterr().out
     assert result["step"] == 6 and not (ckpts / ".tmp-step-4").exists()
@@ -345,19 +346,19 @@ def test_interrupted_save_leftovers_are_never_resumed_and_are_cleaned(corpus, tm
 
 # ------------------------------------------------------------------------------------------------ arguments
 def test_config_presets_files_and_overrides(tmp_path):
-    model, data, train = pretrain.parse_args(["--config", "tiny", "--max_steps", "7"])
+    model, data, train = parse_args(["--config", "tiny", "--max_steps", "7"])
     assert (model.n_embd, data.block_size, train.max_steps) == (128, 128, 7)
-    model, _, _ = pretrain.parse_args(["--config", "gpt2-124m"])
+    model, _, _ = parse_args(["--config", "gpt2-124m"])
     assert (model.n_layer, model.n_head, model.n_embd) == (12, 12, 768)
     cfg = tmp_path / "mine.json"
     cfg.write_text(json.dumps({"n_layer": 3, "learning_rate": 1e-3}))
-    model, _, train = pretrain.parse_args([f"--config={cfg}", "--n_layer", "5"])
+    model, _, train = parse_args([f"--config={cfg}", "--n_layer", "5"])
     assert (model.n_layer, train.learning_rate) == (5, 1e-3)
 
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
-        pretrain.parse_args(["--help"])
+        parse_args(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--resume", "--keep_last", "--skip_nonfinite", "--inject_nonfinite_at_step", "--debug_save_delay",

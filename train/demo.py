@@ -20,6 +20,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 import torch  # noqa: E402
 
 from train import generate, pretrain  # noqa: E402
+from train.args import parse_args  # noqa: E402
 from train.data import prepare_data, unigram_perplexity  # noqa: E402
 
 BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(result["output_dir"])
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    _, data_args, _ = pretrain.parse_args(train_argv)
+    _, data_args, _ = parse_args(train_argv)
     data = prepare_data(data_args, log=lambda *_: None)  # the cache the training run wrote: same split, same ids
     model_ppl = perplexity(model, data.validation)
     unigram_ppl = unigram_perplexity(data.validation, len(tokenizer))

@@ -5,8 +5,9 @@
     accelerate launch --config_file train/configs/multi_gpu.yaml train/pretrain.py --config gpt2-124m --data ...
 
 Arguments come from the command line, from a YAML/JSON file (`--config FILE`, or a preset name from
-train/configs/), or both: the command line wins. Reading order: arguments, then setup() (accelerator, data,
-model, optimizer, resume), fit() (the loop), validate(), and the checkpoint helpers.
+train/configs/), or both: the command line wins. Reading order: setup() (arguments, accelerator, data, model,
+optimizer, resume), fit() (the loop), validate(), then the final save, plot and push. The arguments, their
+parsing and their checks live in train/args.py; the checkpoint folders in train/checkpoints.py.
 
 Output folder layout:
     <output_dir>/config.json, model.safetensors, tokenizer*, generation_config.json   (the final model)
@@ -22,12 +23,10 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -39,299 +38,29 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import GenerationConfig, HfArgumentParser  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
-from train.data import DataArguments, DataError, check_data_arguments, prepare_data  # noqa: E402
+from train.args import EXIT_NONFINITE, TrainArguments, build_config, parse_args  # noqa: E402
+from train.checkpoints import (  # noqa: E402
+    check_state_files,
+    install_signal_handlers,
+    latest_checkpoint,
+    prepare_checkpoint_root,
+    restore_signal_handlers,
+    save_checkpoint,
+)
+from train.data import DataError, prepare_data  # noqa: E402
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN/inf loss
 # dense bf16 peak per device, TFLOP/s, for MFU; matched against torch.cuda.get_device_name(); --peak_tflops overrides
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
 
-# ------------------------------------------------------------------------------------------------- arguments
-def arg(default, help: str, **metadata):
-    """A dataclass field whose help text shows in --help (HfArgumentParser reads `metadata`)."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
-@dataclass
-class ModelArguments:
-    n_layer: int = arg(12, "Transformer blocks.")
-    n_head: int = arg(12, "Attention heads per block; must divide n_embd.")
-    n_embd: int = arg(768, "Width of the residual stream, in features.")
-    n_inner: int | None = arg(None, "Feed-forward width, in features. Default: 4 * n_embd.")
-    n_positions: int | None = arg(None, "Longest sequence the model accepts, in tokens. Default: --block_size.")
-    position_embedding_type: str = arg(
-        "learned", "learned | sinusoidal | rope.", choices=["learned", "sinusoidal", "rope"]
-    )
-    norm_position: str = arg("pre", "pre | post LayerNorm.", choices=["pre", "post"])
-    activation_function: str = arg("gelu_new", "Any name in transformers' ACT2FN.")
-    dropout: float = arg(0.0, "Dropout on embeddings, attention and residuals, in [0, 1).")
-    bias: bool = arg(True, "Biases in linear layers and LayerNorms (--no_bias to drop them).")
-
-
-@dataclass
-class TrainArguments:
-    config: str | None = arg(
-        None, "YAML/JSON file of arguments, or a preset in train/configs/ (tiny, gpt2-124m); flags override it."
-    )
-    output_dir: str = arg("runs/pretrain", "Folder for the final model, checkpoints/ and logs.")
-    max_steps: int = arg(1000, "Optimizer steps to train for (the schedule's length).")
-    batch_size: int = arg(16, "Sequences per micro-batch, per process.")
-    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
-    learning_rate: float = arg(6e-4, "Peak learning rate, reached after warmup.")
-    min_learning_rate: float = arg(6e-5, "Learning rate at the end of the cosine decay.")
-    warmup_steps: int = arg(100, "Optimizer steps of linear warmup.")
-    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only.")
-    adam_beta1: float = arg(0.9, "AdamW beta1.")
-    adam_beta2: float = arg(0.95, "AdamW beta2.")
-    max_grad_norm: float = arg(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
-    mixed_precision: str | None = arg(
-        None, "no | bf16 | fp16. Default: the accelerate config's, else no.", choices=["no", "bf16", "fp16"]
-    )
-    compile: bool = arg(False, "torch.compile the model (inductor).")
-    seed: int = arg(1337, "Seed for the weights, the data order and dropout.")
-    cpu: bool = arg(False, "Train on CPU even where an accelerator exists.")
-    cpu_threads: int = arg(
-        0,
-        "Intra-op CPU threads per process (torch.set_num_threads); 0 = torch's default, one per core. Small models "
-        "gain little from more, and lose much when other processes share the cores.",
-    )
-    eval_every: int = arg(250, "Optimizer steps between evaluations; 0 = only at the end.")
-    eval_batches: int = arg(0, "Validation batches per evaluation; 0 = the whole split.")
-    log_every: int = arg(10, "Optimizer steps between log lines.")
-    save_every: int = arg(500, "Optimizer steps between checkpoints; 0 = only at the end and on a signal.")
-    keep_last: int = arg(3, "Checkpoints to keep in <output_dir>/checkpoints (>= 1).")
-    resume: str | None = arg(
-        None,
-        "'latest' (the highest complete <output_dir>/checkpoints/step-N; starts fresh if there is none) or the "
-        "path of a step-N folder. Continues with the same data order, RNG and schedule.",
-    )
-    stop_at_step: int = arg(
-        0,
-        "Stop at this optimizer step with a checkpoint, as on SIGTERM, while the schedule still runs to "
-        "--max_steps (for time-sliced jobs); 0 = off.",
-    )
-    overwrite_output_dir: bool = arg(
-        False,
-        "Without --resume, delete the checkpoints and log of an earlier run in --output_dir (otherwise such a "
-        "folder is refused, so that 'latest' never mixes two runs).",
-    )
-    report_to: str = arg("tensorboard", "Accelerate tracker: tensorboard, wandb, ..., all, or none.")
-    peak_tflops: float = arg(0.0, "Peak TFLOP/s of one device, for MFU. 0 = look the GPU up; unknown = no MFU.")
-    skip_nonfinite: bool = arg(
-        False,
-        "On a NaN/inf loss, skip that optimizer step (zero grads, no update) and count it in the logs, instead "
-        f"of stopping with exit status {EXIT_NONFINITE}.",
-    )
-    ddp_timeout: int = arg(1800, "Seconds a collective waits for the other processes before the run fails.")
-    push_to_hub: bool = arg(False, "After the final save, push output_dir with hub.push.push_folder.")
-    hub_model_id: str | None = arg(None, "Hub repo id (user/name) for --push_to_hub.")
-    hub_private: bool = arg(False, "Create the Hub repo as private.")
-    inject_nonfinite_at_step: int = arg(0, "For fault-injection tests: make the loss of optimizer step N NaN.")
-    debug_save_delay: float = arg(
-        0.0,
-        "For fault-injection tests: seconds to sleep after a checkpoint's temporary folder is written and "
-        "before its rename.",
-    )
-    debug_rank_dumps: bool = arg(
-        False,
-        "For tests: each rank writes the ids of the training blocks it consumed and a hash of its final weights "
-        "to <output_dir>/debug/rank<R>.json.",
-    )
-
-
-class UsageError(ValueError):
-    """A bad argument combination; the message names it and the fix."""
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """Command line over an optional --config file over the dataclass defaults; every problem reported at once."""
-    parser = HfArgumentParser(
-        (ModelArguments, DataArguments, TrainArguments),
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__[__doc__.index("Faults:") :],
-    )
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config = _peek_config(argv)
-    if config:
-        values = _load_config(config)
-        known = {f for dc in (ModelArguments, DataArguments, TrainArguments) for f in dc.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"unknown keys {unknown} in {config}; valid keys are the --flags of --help.")
-        # as if typed before the command line: argparse checks the types, choices and lists (set_defaults would not,
-        # so `max_steps: null` or `data: a.txt` broke deep inside), and the command line still wins
-        argv = _config_argv(values) + argv
-    try:
-        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # stray tokens: HfArgumentParser raises where argparse would report a usage error
-        parser.error(f"{e}; each flag takes one value (--data takes several).")
-    try:
-        check_args(model_args, data_args, train_args)
-    except (UsageError, DataError) as e:
-        parser.error(str(e))
-    return model_args, data_args, train_args
-
-
-def _config_argv(values: dict) -> list[str]:
-    """A config file's mapping as command-line tokens; null means the default."""
-    tokens = []
-    for key, value in values.items():
-        if value is None or key == "config":
-            continue
-        if isinstance(value, list):
-            tokens += [f"--{key}", *map(str, value)]
-        else:
-            tokens.append(f"--{key}={value}")
-    return tokens
-
-
-def _peek_config(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _load_config(name: str) -> dict:
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = CONFIGS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if not p.stem.endswith(("_gpu", "fsdp", "node")))
-        raise SystemExit(f"pretrain: error: --config {name!r} is neither a file nor a preset; presets: {presets}.")
-    values = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise SystemExit(f"pretrain: error: {path} must hold a mapping of argument names to values.")
-    return values
-
-
-def check_args(model: ModelArguments, data: DataArguments, train: TrainArguments) -> None:
-    """Raise UsageError naming every bad value and its fix (litgpt's validate_args)."""
-    problems = []
-    positive = dict(
-        max_steps=train.max_steps,
-        batch_size=train.batch_size,
-        keep_last=train.keep_last,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        log_every=train.log_every,
-        ddp_timeout=train.ddp_timeout,
-    )
-    problems += [f"--{k} must be >= 1, got {v}." for k, v in positive.items() if v < 1]
-    non_negative = dict(
-        cpu_threads=train.cpu_threads,
-        warmup_steps=train.warmup_steps,
-        eval_every=train.eval_every,
-        save_every=train.save_every,
-        eval_batches=train.eval_batches,
-        max_grad_norm=train.max_grad_norm,
-        stop_at_step=train.stop_at_step,
-        debug_save_delay=train.debug_save_delay,
-        weight_decay=train.weight_decay,
-        peak_tflops=train.peak_tflops,
-        inject_nonfinite_at_step=train.inject_nonfinite_at_step,
-    )
-    problems += [f"--{k} must be >= 0, got {v}." for k, v in non_negative.items() if v < 0]
-    problems += _check_more_args(model, train)
-    if not 0 < train.learning_rate or not 0 <= train.min_learning_rate <= train.learning_rate:
-        problems.append(
-            f"Need 0 < --learning_rate and 0 <= --min_learning_rate <= --learning_rate, got "
-            f"{train.learning_rate} and {train.min_learning_rate}."
-        )
-    n_positions = model.n_positions or data.block_size
-    if data.block_size > n_positions:
-        problems.append(
-            f"--block_size {data.block_size} is larger than the model's n_positions {n_positions}: "
-            "lower --block_size or raise --n_positions."
-        )
-    if train.push_to_hub and not train.hub_model_id:
-        problems.append("--push_to_hub needs --hub_model_id user/name.")
-    if train.resume and train.resume != "latest" and not _is_checkpoint(Path(train.resume).expanduser()):
-        problems.append(
-            f"--resume {train.resume!r} is not a checkpoint (a step-N folder with train_state.json "
-            f"written by this script). Use --resume latest or a path like <output_dir>/checkpoints/step-500."
-        )
-    try:
-        check_data_arguments(data)
-    except DataError as e:
-        problems.append(str(e))
-    try:
-        build_config(model, data, vocab_size=data.vocab_size)
-    except ValueError as e:
-        problems.append(str(e))
-    if problems:
-        raise UsageError(" ".join(problems))
-
-
-def _check_more_args(model: ModelArguments, train: TrainArguments) -> list[str]:
-    """What the range checks above let through and would fail (or silently misbehave) only later in the run."""
-    from accelerate.utils import LoggerType
-    from huggingface_hub.utils import validate_repo_id
-
-    problems = []
-    floats = dict(
-        learning_rate=train.learning_rate,
-        min_learning_rate=train.min_learning_rate,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        peak_tflops=train.peak_tflops,
-        debug_save_delay=train.debug_save_delay,
-    )  # NaN passes every comparison, and inf is no learning rate, decay, norm or delay
-    problems += [f"--{k} must be a finite number, got {v}." for k, v in floats.items() if not math.isfinite(v)]
-    betas = dict(adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2)
-    problems += [f"--{k} must lie in [0, 1), got {v}." for k, v in betas.items() if not 0 <= v < 1]
-    if not 0 <= train.seed < 2**32:
-        problems.append(f"--seed must lie in [0, 2**32) (numpy's seed range), got {train.seed}.")
-    if model.n_positions is not None and model.n_positions < 1:
-        problems.append(f"--n_positions must be >= 1, got {model.n_positions}; leave it out to use --block_size.")
-    trackers = sorted({t.value for t in LoggerType} | {"none"})
-    if train.report_to not in trackers:
-        problems.append(f"--report_to {train.report_to!r} is not an accelerate tracker; use one of {trackers}.")
-    if train.push_to_hub and train.hub_model_id:
-        try:
-            validate_repo_id(train.hub_model_id)
-        except ValueError as e:  # HFValidationError; caught now, not after the whole run
-            problems.append(f"--hub_model_id {train.hub_model_id!r} is not a Hub repo id ({e}). Use user/name.")
-    return problems
-
-
 # ------------------------------------------------------------------------------------------------------ setup
-def build_config(model: ModelArguments, data: DataArguments, vocab_size: int, tokenizer=None) -> MiniGPTConfig:
-    ids = {}
-    if tokenizer is not None:
-        ids = dict(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return MiniGPTConfig(
-        vocab_size=(vocab_size + 63) // 64 * 64,  # padded to a multiple of 64 for fast matmuls; extra ids unused
-        n_positions=model.n_positions or data.block_size,
-        n_embd=model.n_embd,
-        n_layer=model.n_layer,
-        n_head=model.n_head,
-        n_inner=model.n_inner,
-        position_embedding_type=model.position_embedding_type,
-        norm_position=model.norm_position,
-        activation_function=model.activation_function,
-        embd_pdrop=model.dropout,
-        attn_pdrop=model.dropout,
-        resid_pdrop=model.dropout,
-        bias=model.bias,
-        **ids,
-    )
-
-
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr."""
     if step < warmup_steps:
@@ -360,7 +89,8 @@ def flops_per_token(config: MiniGPTConfig, num_params: int) -> float:
 
 def setup(argv: list[str] | None = None) -> dict:
     """Parse arguments, then build everything fit() needs: accelerator, data, model, optimizer, resume state."""
-    model_args, data_args, args = parse_args(argv)
+    help_text = dict(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Faults:") :])
+    model_args, data_args, args = parse_args(argv, **help_text)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     k = args.gradient_accumulation_steps
@@ -377,38 +107,7 @@ def setup(argv: list[str] | None = None) -> dict:
     # accelerate warns on every save that the tied lm_head is stored once; that is intended (the tie is declared)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     out = Path(args.output_dir).expanduser().resolve()
-    ckpt_root = out / "checkpoints"
-    if accelerator.is_main_process:
-        try:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:  # read-only or full disk, a file in the way: say so before any data work
-            raise SystemExit(
-                f"pretrain: error: cannot create {ckpt_root}: {e}. Pass a writable --output_dir."
-            ) from None
-        for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".old-step-*")]:
-            print(f"Removing the incomplete checkpoint folder {stale} left by an interrupted save.")
-            shutil.rmtree(stale, ignore_errors=True)
-    earlier = latest_checkpoint(ckpt_root)
-    if earlier is not None and not args.resume:
-        if not args.overwrite_output_dir:
-            raise SystemExit(
-                f"pretrain: error: {ckpt_root} already holds checkpoints of an earlier run (latest: "
-                f"{earlier.name}). Pass --resume latest to continue it, --overwrite_output_dir to delete "
-                "them and start over, or another --output_dir."
-            )
-        if accelerator.is_main_process:
-            print(f"--overwrite_output_dir: deleting the earlier run's checkpoints and log in {out}.")
-            shutil.rmtree(ckpt_root)
-            ckpt_root.mkdir()
-            (out / "log.jsonl").unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    resume_from = None
-    if args.resume == "latest":
-        resume_from = latest_checkpoint(ckpt_root)
-        if resume_from is None:
-            accelerator.print(f"--resume latest: no checkpoint in {ckpt_root} yet, starting from scratch.")
-    elif args.resume:
-        resume_from = Path(args.resume).expanduser().resolve()
+    ckpt_root, resume_from = prepare_checkpoint_root(accelerator, out, args.resume, args.overwrite_output_dir)
 
     set_seed(args.seed)
     with accelerator.local_main_process_first():  # the local main tokenizes and caches; the others load the cache
@@ -450,7 +149,7 @@ def setup(argv: list[str] | None = None) -> dict:
     if resume_from is not None:
         saved = json.loads((resume_from / "train_state.json").read_text())
         check_resume_compatible(saved["args"], run_args, resume_from)
-        _check_state_files(resume_from)
+        check_state_files(resume_from)
         accelerator.load_state(str(resume_from))
         scheduler.load_state_dict(saved["scheduler"])
         accelerator.step = 0  # windows start at a boundary, whatever the old run's accumulation steps were
@@ -584,7 +283,7 @@ def fit(run: dict) -> str:
                 for k_, v in g.items()
             },
         )
-    stop = _install_signal_handlers()
+    stop = install_signal_handlers()
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -599,6 +298,14 @@ def fit(run: dict) -> str:
     if state["step"] == 0 and args.eval_every:
         evaluate_and_log(run, bar)
     status, last_saved = "done", None
+
+    def save() -> Path | None:  # every process takes part; None when the save failed (reported, retried next time)
+        train_state = {"state": state, "args": run["run_args"], "scheduler": scheduler.state_dict()}
+        root, delay = run["ckpt_root"], args.debug_save_delay
+        return save_checkpoint(
+            accelerator, model, run["tokenizer"], root, state["step"], train_state, args.keep_last, delay
+        )
+
     batches = step_batches(accelerator, train, state, args, steps_per_epoch, blocks_per_step)
     train_time, steps_since = 0.0, 0
     run["train_time"], run["steps_run"] = 0.0, 0
@@ -663,7 +370,7 @@ def fit(run: dict) -> str:
                 evaluate_and_log(run, bar)
             signalled = stop_votes > 0
             if signalled or step == args.stop_at_step or (args.save_every and step % args.save_every == 0):
-                last_saved = save_checkpoint(run) or last_saved
+                last_saved = save() or last_saved
             if signalled or step == args.stop_at_step:
                 why = (
                     f"signal {signal.Signals(stop['signal']).name}"
@@ -677,11 +384,11 @@ def fit(run: dict) -> str:
                 break
     finally:
         bar.close()
-        _restore_signal_handlers(stop)
+        restore_signal_handlers(stop)
     if status == "done":
         run["final_eval"] = evaluate_and_log(run, None)
         if last_saved is None or last_saved.name != f"step-{state['step']}":
-            last_saved = save_checkpoint(run)
+            last_saved = save()
         if last_saved is None:
             raise SystemExit(
                 f"pretrain: error: the final checkpoint could not be saved in {run['ckpt_root']} (see the error above)."
@@ -818,136 +525,7 @@ def _fmt(key: str, value) -> str:
     return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def _check_state_files(folder: Path) -> None:
-    """Refuse, naming the file, a checkpoint whose state would run code or fail deep inside accelerate's load_state.
-
-    accelerate unpickles optimizer.bin and random_states_*.pkl with weights_only=True (tensors, numbers and its
-    allow-list of numpy types), but custom_checkpoint_*.pkl with weights_only=False, and it skips an unreadable RNG
-    state without a word (the resume would silently not be exact). Every pickle is read once more here.
-    """
-    from accelerate.utils import load
-    from safetensors import safe_open
-
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            if path.name.startswith("custom_checkpoint_"):
-                raise ValueError(
-                    "this script writes no such file; accelerate would unpickle it with weights_only=False"
-                )
-            if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
-                load(path, map_location="cpu")  # weights_only=True
-            elif path.suffix == ".safetensors":
-                with safe_open(path, "pt"):  # reads and checks the header against the file size
-                    pass
-        except Exception as e:  # noqa: BLE001 (UnpicklingError, RuntimeError, OSError, SafetensorError, ...)
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0]).split(". Please")[0]
-            raise SystemExit(
-                f"pretrain: error: cannot resume from {folder}: {path.name} is not an intact, safe state file "
-                f"({reason.strip()}). Resume from another checkpoint (--resume <output_dir>/checkpoints/step-N), or "
-                "copy this one again."
-            ) from None
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "train_state.json").is_file()
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The highest complete step-N folder; temporary folders never match the pattern."""
-    steps = [
-        (int(m.group(1)), p)
-        for p in root.glob("step-*")
-        if (m := re.fullmatch(r"step-(\d+)", p.name)) and _is_checkpoint(p)
-    ]
-    return max(steps)[1] if steps else None
-
-
-def save_checkpoint(run: dict) -> Path | None:
-    """Write the full training state to checkpoints/.tmp-step-N, then rename it to step-N; keep the last K.
-
-    Every process calls this (each saves its RNG state). On an OSError (disk full, read-only folder) the error is
-    printed, the partial folder removed, earlier checkpoints left alone, and None returned: training goes on.
-    """
-    accelerator, root, step = run["accelerator"], run["ckpt_root"], run["state"]["step"]
-    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
-    main = accelerator.is_main_process
-    error = None
-    try:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if main:
-            _write_loadable_files(run, tmp)
-            (tmp / "train_state.json").write_text(
-                json.dumps(
-                    {"state": run["state"], "args": run["run_args"], "scheduler": run["scheduler"].state_dict()},
-                    indent=1,
-                )
-            )
-    # a full disk is a RuntimeError from torch.save's C++ writer and a SafetensorError (no OSError) from safetensors
-    except (OSError, RuntimeError, SafetensorError) as e:
-        error = e
-        print(f"[rank {accelerator.process_index}] checkpoint save to {tmp} failed: {e}", file=sys.stderr)
-    # all processes agree on the outcome, so that no rank renames a checkpoint that another failed to write
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item() > 0
-    if main and not failed:
-        try:
-            if run["args"].debug_save_delay:
-                time.sleep(run["args"].debug_save_delay)
-            if final.exists():  # re-saving a step: move the old one aside first, so one complete copy always exists
-                old = root / f".old-step-{step}"
-                os.rename(final, old)
-                os.rename(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, final)
-            _fsync_dir(root)
-        except OSError as e:
-            error, failed = e, True
-    if main and failed:
-        shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(root).free / 2**30
-        print(
-            f"pretrain: error: could not save the checkpoint of step {step} in {root}: "
-            f"{error or 'another process failed'} ({free:.2f} GiB free there). Earlier checkpoints are untouched; "
-            "training continues and the next save retries.",
-            file=sys.stderr,
-        )
-    if main and not failed:
-        _prune(root, run["args"].keep_last)
-    accelerator.wait_for_everyone()
-    return None if failed else final
-
-
-def _write_loadable_files(run: dict, folder: Path) -> None:
-    """Config with auto_map, the modeling code, generation config and tokenizer: the folder loads with AutoModel."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    model = run["accelerator"].unwrap_model(run["model"])
-    custom_object_save(model, folder, config=model.config)
-    model.config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    run["tokenizer"].save_pretrained(folder)
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
-    for _, path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
+# ------------------------------------------------------------------------------------------------- the end
 def save_final(run: dict) -> None:
     """save_pretrained of the unwrapped model + tokenizer + generation config into output_dir, then the loss PNG."""
     accelerator, out = run["accelerator"], run["out"]
@@ -1018,32 +596,6 @@ def push(run: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _install_signal_handlers() -> dict:
-    """SIGTERM/SIGINT set a flag that the loop reads after the current optimizer step; a second SIGINT aborts."""
-    stop = {"signal": None, "previous": {}}
-
-    def handler(signum, frame):
-        if signum == signal.SIGINT and stop["signal"] is not None:
-            raise KeyboardInterrupt
-        if stop["signal"] is None:
-            stop["signal"] = signum
-            print(
-                f"\nReceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                "(press Ctrl-C again to abort without saving).",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        stop["previous"][sig] = signal.signal(sig, handler)
-    return stop
-
-
-def _restore_signal_handlers(stop: dict) -> None:
-    for sig, previous in stop["previous"].items():
-        signal.signal(sig, previous)
-
-
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())

@@ -1,0 +1,222 @@
+"""Checkpoint folders of train/pretrain.py: where they live, how they are written, found, checked and pruned.
+
+    <output_dir>/checkpoints/step-<N>/   accelerate save_state + train_state.json + config, code and tokenizer
+    <output_dir>/checkpoints/.tmp-step-<N>/, .old-step-<N>/   an interrupted save's leftovers, removed at the start
+
+A save writes `.tmp-step-N` and renames it to `step-N` only once every process has written its part, so a folder
+named step-N is always complete; SIGTERM/SIGINT set a flag that the loop reads after its current optimizer step.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError
+
+
+def prepare_checkpoint_root(
+    accelerator: Accelerator, out: Path, resume: str | None, overwrite: bool
+) -> tuple[Path, Path | None]:
+    """Create <out>/checkpoints, clear an interrupted save's leftovers and refuse to mix two runs there.
+
+    Returns the folder and the checkpoint to resume from (None for a fresh start).
+    """
+    ckpt_root = out / "checkpoints"
+    if accelerator.is_main_process:
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only or full disk, a file in the way: say so before any data work
+            raise SystemExit(
+                f"pretrain: error: cannot create {ckpt_root}: {e}. Pass a writable --output_dir."
+            ) from None
+        for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".old-step-*")]:
+            print(f"Removing the incomplete checkpoint folder {stale} left by an interrupted save.")
+            shutil.rmtree(stale, ignore_errors=True)
+    earlier = latest_checkpoint(ckpt_root)
+    if earlier is not None and not resume:
+        if not overwrite:
+            raise SystemExit(
+                f"pretrain: error: {ckpt_root} already holds checkpoints of an earlier run (latest: "
+                f"{earlier.name}). Pass --resume latest to continue it, --overwrite_output_dir to delete "
+                "them and start over, or another --output_dir."
+            )
+        if accelerator.is_main_process:
+            print(f"--overwrite_output_dir: deleting the earlier run's checkpoints and log in {out}.")
+            shutil.rmtree(ckpt_root)
+            ckpt_root.mkdir()
+            (out / "log.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    resume_from = None
+    if resume == "latest":
+        resume_from = latest_checkpoint(ckpt_root)
+        if resume_from is None:
+            accelerator.print(f"--resume latest: no checkpoint in {ckpt_root} yet, starting from scratch.")
+    elif resume:
+        resume_from = Path(resume).expanduser().resolve()
+    return ckpt_root, resume_from
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "train_state.json").is_file()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The highest complete step-N folder; temporary folders never match the pattern."""
+    steps = [
+        (int(m.group(1)), p)
+        for p in root.glob("step-*")
+        if (m := re.fullmatch(r"step-(\d+)", p.name)) and is_checkpoint(p)
+    ]
+    return max(steps)[1] if steps else None
+
+
+def check_state_files(folder: Path) -> None:
+    """Refuse, naming the file, a checkpoint whose state would run code or fail deep inside accelerate's load_state.
+
+    accelerate unpickles optimizer.bin and random_states_*.pkl with weights_only=True (tensors, numbers and its
+    allow-list of numpy types), but custom_checkpoint_*.pkl with weights_only=False, and it skips an unreadable RNG
+    state without a word (the resume would silently not be exact). Every pickle is read once more here.
+    """
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if path.name.startswith("custom_checkpoint_"):
+                raise ValueError(
+                    "this script writes no such file; accelerate would unpickle it with weights_only=False"
+                )
+            if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                load(path, map_location="cpu")  # weights_only=True
+            elif path.suffix == ".safetensors":
+                with safe_open(path, "pt"):  # reads and checks the header against the file size
+                    pass
+        except Exception as e:  # noqa: BLE001 (UnpicklingError, RuntimeError, OSError, SafetensorError, ...)
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0]).split(". Please")[0]
+            raise SystemExit(
+                f"pretrain: error: cannot resume from {folder}: {path.name} is not an intact, safe state file "
+                f"({reason.strip()}). Resume from another checkpoint (--resume <output_dir>/checkpoints/step-N), or "
+                "copy this one again."
+            ) from None
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    root: Path,
+    step: int,
+    train_state: dict,
+    keep_last: int,
+    save_delay: float = 0.0,
+) -> Path | None:
+    """Write the full training state to root/.tmp-step-N, then rename it to step-N; keep the last `keep_last`.
+
+    Every process calls this (each saves its RNG state). `train_state` (loop state, arguments, scheduler) goes to
+    train_state.json. On an OSError (disk full, read-only folder) the error is printed, the partial folder removed,
+    earlier checkpoints left alone, and None returned: training goes on. `save_delay` (seconds before the rename)
+    is for fault-injection tests.
+    """
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    main = accelerator.is_main_process
+    error = None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if main:
+            _write_loadable_files(accelerator.unwrap_model(model), tokenizer, tmp)
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+    # a full disk is a RuntimeError from torch.save's C++ writer and a SafetensorError (no OSError) from safetensors
+    except (OSError, RuntimeError, SafetensorError) as e:
+        error = e
+        print(f"[rank {accelerator.process_index}] checkpoint save to {tmp} failed: {e}", file=sys.stderr)
+    # all processes agree on the outcome, so that no rank renames a checkpoint that another failed to write
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item() > 0
+    if main and not failed:
+        try:
+            if save_delay:
+                time.sleep(save_delay)
+            if final.exists():  # re-saving a step: move the old one aside first, so one complete copy always exists
+                old = root / f".old-step-{step}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(root)
+        except OSError as e:
+            error, failed = e, True
+    if main and failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**30
+        print(
+            f"pretrain: error: could not save the checkpoint of step {step} in {root}: "
+            f"{error or 'another process failed'} ({free:.2f} GiB free there). Earlier checkpoints are untouched; "
+            "training continues and the next save retries.",
+            file=sys.stderr,
+        )
+    if main and not failed:
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return None if failed else final
+
+
+def _write_loadable_files(model, tokenizer, folder: Path) -> None:
+    """Config with auto_map, the modeling code, generation config and tokenizer: the folder loads with AutoModel."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    custom_object_save(model, folder, config=model.config)
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
+    for _, path in steps[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install_signal_handlers() -> dict:
+    """SIGTERM/SIGINT set a flag that the loop reads after the current optimizer step; a second SIGINT aborts."""
+    stop = {"signal": None, "previous": {}}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt
+        if stop["signal"] is None:
+            stop["signal"] = signum
+            print(
+                f"\nReceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                "(press Ctrl-C again to abort without saving).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        stop["previous"][sig] = signal.signal(sig, handler)
+    return stop
+
+
+def restore_signal_handlers(stop: dict) -> None:
+    for sig, previous in stop["previous"].items():
+        signal.signal(sig, previous)
