@@ -255,3 +255,31 @@ def test_empty_input_is_a_clear_error():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()
+
+
+# ---------------------------------------------------------------- attention backends
+
+
+@torch.no_grad()
+def test_flex_attention_backend_matches_sdpa_with_and_without_padding():
+    model = build()
+    ids = torch.randint(3, 100, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding in row 0
+    reference = model(ids).logits, model(ids, attention_mask=mask).logits
+    model.set_attn_implementation("flex_attention")  # CPU flex attention runs forward only, hence no_grad
+    torch.testing.assert_close(model(ids).logits, reference[0], atol=1e-5, rtol=1e-5)
+    padded = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(padded[1], reference[1][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[0, 5:], reference[1][0, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_2_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn", reason="flash_attention_2 needs the flash-attn package")
+    if not torch.cuda.is_available():
+        pytest.skip("flash_attention_2 needs a CUDA device")
+    model = build().cuda().to(torch.bfloat16)
+    ids = torch.randint(3, 100, (2, 16), device="cuda")
+    reference = model(ids).logits.float()
+    model.set_attn_implementation("flash_attention_2")
+    torch.testing.assert_close(model(ids).logits.float(), reference, atol=2e-2, rtol=2e-2)
