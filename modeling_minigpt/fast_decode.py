@@ -61,7 +61,8 @@ class FastDecoder:
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device, but it is on {device}; move it with "
                              "model.to('cuda') or pass cuda_graphs=False.")
         limit = getattr(model.config, "n_positions", None)
-        if model.config.position_embedding_type == "learned" and limit is not None and max_length > limit:
+        learned = getattr(model.config, "position_embedding_type", "learned") == "learned"
+        if learned and limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's learned positions (n_positions={limit}); "
                              f"lower it to at most {limit}.")
         if batch_size < 1 or max_length < 2:
@@ -77,7 +78,6 @@ class FastDecoder:
         long = dict(dtype=torch.long, device=device)
         self.sequence = torch.zeros(B, S, **long)  # prompt, then the generated tokens
         self.key_mask = torch.zeros(B, S, dtype=torch.bool, device=device)  # cache slots a query may attend to
-        self.slots = torch.arange(S, **long)  # (S,)
         self.index = torch.zeros((), **long)  # cache slot of the token being fed
         self.position = torch.zeros(B, 1, **long)  # its position id (real tokens before it)
         self.unfinished = torch.ones(B, dtype=torch.bool, device=device)
@@ -142,7 +142,8 @@ class FastDecoder:
     ) -> torch.LongTensor:
         """Prompt (B, P) -> prompt plus up to max_new_tokens new tokens, (B, P + n), like `model.generate`.
 
-        `attention_mask` marks left padding (1 = real token), as for generate(); rows that produced an EOS get
+        `attention_mask` marks left padding (1 = real token), as for generate(). `eos_token_id` and
+        `pad_token_id` default to the model's generation_config, as in generate(); rows that produced an EOS get
         `pad_token_id` afterwards, and the run stops when every row has finished. Sampling uses torch's global
         RNG: seed it with torch.manual_seed for reproducible draws."""
         B, P = input_ids.shape
@@ -161,7 +162,9 @@ class FastDecoder:
         if (do_sample, top_k) != (self.do_sample, self.top_k):  # they shape the traced step: capture it anew
             self.do_sample, self.top_k = do_sample, top_k
             self._invalidate()
-        self._set_eos(eos_token_id, pad_token_id)
+        defaults = self.model.generation_config
+        self._set_eos(defaults.eos_token_id if eos_token_id is None else eos_token_id,
+                      defaults.pad_token_id if pad_token_id is None else pad_token_id)
         self.inv_temperature.fill_(1.0 / temperature)
         device = self.sequence.device
         input_ids = input_ids.to(device)

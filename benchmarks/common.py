@@ -1,0 +1,270 @@
+"""What the benchmark scripts share: the size presets, the two models at identical shapes, timing, MFU and output.
+
+The reference is transformers' own `GPT2LMHeadModel` with `attn_implementation="sdpa"`, built from a `GPT2Config`
+with exactly MiniGPT's shape (layers, heads, width, context, vocabulary) and the same dropout (none), so the two
+differ only in their code. Both are created in the same process, on the same device, in the same precision.
+"""
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+
+# The GPT-2 124M shape with the vocabulary padded to a multiple of 64, and a shape that runs in seconds on a CPU.
+SIZES = {
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50304),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=50304),
+}
+
+# Dense bf16 peak FLOP/s by device name (substring match, first hit wins); --peak-tflops overrides it.
+# CPUs have no entry: their MFU is left out unless a peak is given.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
+    "T4": 65e12,  # fp16 tensor cores; T4 has no bf16
+}
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# transformers 5.24 renamed the cache argument `past_key_values` to `cache` (the old name still works there, with a
+# FutureWarning and some overhead in GPT-2); 5.17 knows only `past_key_values`. MiniGPT accepts both.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="shape preset (default: small on cpu)")
+    parser.add_argument("--models", default="minigpt,gpt2", help="comma-separated subset of: minigpt, gpt2")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per setting (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs before timing each setting")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on CPU: 1, which neighbours disturb least; 0: torch's choice)")
+    parser.add_argument("--out", default=None, help="directory for the JSON (default: benchmarks/results)")
+    parser.add_argument("--tag", default="", help="suffix for the output file name")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak in TFLOP/s, for MFU")
+    return parser
+
+
+def resolve_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the arguments once, with errors that say what to change."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device; use --device cpu.")
+    if args.size is None:
+        args.size = "gpt2-124m" if args.device == "cuda" else "small"
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(MODEL_BUILDERS))
+    if unknown or not args.models:
+        raise SystemExit(f"--models {unknown or args.models} is not valid; pick from {sorted(MODEL_BUILDERS)}.")
+    if args.threads is None and args.device == "cpu":
+        # one thread: on a shared machine, multi-threaded kernels stall whenever a neighbour takes a core, which
+        # makes timings swing several-fold; both models get the same thread anyway
+        args.threads = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_minigpt(shape: dict, **overrides) -> MiniGPTForCausalLM:
+    config = MiniGPTConfig(**{**shape, **overrides}, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    config._attn_implementation = "sdpa"
+    return MiniGPTForCausalLM(config)
+
+
+def build_gpt2(shape: dict, **overrides) -> GPT2LMHeadModel:
+    fields = {**shape, **overrides}
+    config = GPT2Config(
+        **fields,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config)
+
+
+MODEL_BUILDERS: dict[str, Callable] = {"minigpt": build_minigpt, "gpt2": build_gpt2}
+
+
+def build_model(name: str, shape: dict, device: str, **overrides) -> torch.nn.Module:
+    """One benchmark model, seeded so that both runs of a comparison see the same kind of weights."""
+    torch.manual_seed(0)
+    model = MODEL_BUILDERS[name](shape, **overrides).to(device)
+    # nothing should stop generation early: every run produces exactly max_new_tokens
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters as nanoGPT counts them for MFU: tied weights once, learned position embeddings left out."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or name.endswith(("embed_positions.weight", "wpe.weight")):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 N for the matmuls with weights, 12 L C T for attention
+    (PaLM, appendix B; nanoGPT's estimate_mfu)."""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def device_peak_flops(device: str, override_tflops: float | None) -> tuple[float | None, str]:
+    if override_tflops:
+        return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (given)"
+    if device != "cuda":
+        return None, "n/a (no peak for CPUs; pass --peak-tflops)"
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return peak, f"{peak / 1e12:g} TFLOP/s ({key} bf16 dense)"
+    return None, f"n/a (no peak known for {name!r}; pass --peak-tflops)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call for `repeats` calls of fn, after `warmup` untimed calls (compilation, caches, autotuning)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def reset_peak_memory(device: str):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float | None:
+    """Peak allocated GPU memory since the last reset; None on CPU, where torch keeps no such counter."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def time_ratio(row: dict, reference: dict) -> float:
+    """How long `row`'s runs take relative to `reference`'s. Runs timed interleaved (on CPU the models alternate
+    run by run; rows with the same `rounds` key were timed in the same rounds) are compared round by round and
+    the median taken, which a neighbour's burst of load barely moves; otherwise, the ratio of the medians."""
+    mine, theirs = row["times_s"], reference["times_s"]
+    if row.get("rounds") is not None and row.get("rounds") == reference.get("rounds") and len(mine) == len(theirs):
+        return median([a / b for a, b in zip(mine, theirs)])
+    return median(mine) / median(theirs)
+
+
+def free_memory(device: str):
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def fmt(value, spec: str = ".1f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(kind: str, args: argparse.Namespace, payload: dict, table: str, final: bool = True) -> Path:
+    """Write `<date>-<kind>-<device>-<size>[-tag].json` and `.md` side by side (and print the table when
+    `final`; partial writes keep what was measured if a run is cut short). Returns the JSON path."""
+    out = Path(args.out) if args.out else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(args.device)
+    stem = f"{env['date'][:10]}-{kind}-{args.device}-{args.size}" + (f"-{args.tag}" if args.tag else "")
+    payload = {"benchmark": kind, "size": args.size, "shape": SIZES[args.size], **env, **payload}
+    _write_atomically(out / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
+    header = (
+        f"### {kind}: {args.size} on {env['device']} ({args.device})\n\n"
+        f"{env['date']}, torch {env['torch']}, transformers {env['transformers']}, {env['cpu_threads']} CPU threads\n\n"
+    )
+    _write_atomically(out / f"{stem}.md", header + table + "\n")
+    if final:
+        print("\n" + header + table + "\n", flush=True)
+    return out / f"{stem}.json"
+
+
+def _write_atomically(path: Path, text: str):
+    """A run stopped at its time cap must not leave half a JSON file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def set_cpu_env():
+    """Tokenizers and the Hub are never needed here; keep everything offline and quiet."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    transformers.logging.set_verbosity_error()
