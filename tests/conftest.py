@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import modeling_minigpt  # noqa: E402,F401  (registers the Auto classes)
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
+from modeling_minigpt import MiniGPTConfig  # noqa: E402
 
 
 def tiny_config(**overrides) -> MiniGPTConfig:
@@ -25,10 +25,23 @@ def tiny_config(**overrides) -> MiniGPTConfig:
     return MiniGPTConfig(**fields)
 
 
-@pytest.fixture
-def tiny_model():
-    torch.manual_seed(0)
-    return MiniGPTForCausalLM(tiny_config()).eval()
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI machine the threads' spin-waits make
+    each step up to 20x slower. Subprocesses get the same through OMP_NUM_THREADS where they set their env."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """A local Hub-compatible server (tests/hub_server.py) on 127.0.0.1, one per test module."""
+    from hub_server import running_hub
+
+    with running_hub() as server:
+        yield server
 
 
 # hypothesis profiles: "ci" (the default) keeps `make test` inside its time budget; `make test-long` sets

@@ -40,13 +40,6 @@ FIELDS = SIZES + FLOATS + tuple(CHOICES) + BOOLS + TOKEN_IDS + tuple(ALIASES)
 MORE_EXAMPLES = settings(max_examples=4 * settings.default.max_examples)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds spin-waits on a loaded machine
-    yield
-    torch.set_num_threads(previous)
-
 
 # What a config file or a command line can hold. Sizes stay small so that a valid draw builds in milliseconds.
 json_scalars = st.one_of(

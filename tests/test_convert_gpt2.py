@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from conftest import tiny_config
-from hub_server import hub_env, running_hub
+from hub_server import hub_env
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -24,19 +24,6 @@ ATOL = 1e-5
 TEXT = ["the quick brown fox jumps over the lazy dog and the dog sleeps in the sun"] * 20
 
 
-@pytest.fixture(scope="module")
-def hub():
-    with running_hub() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared CI cores the threads slow them down badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _perturb(model, seed: int):

@@ -17,13 +17,6 @@ from train.metrics import metric_path
 from train.tokenizer import train_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 from conftest import tiny_config
-from hub_server import hub_env, running_hub
+from hub_server import hub_env
 from modeling_minigpt import MiniGPTForCausalLM
 from train import evaluate as lm_eval
 from train import finetune
@@ -77,14 +77,6 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -95,11 +87,6 @@ def tokenizer():
 def base(tmp_path_factory, tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("base"), tokenizer)
 
-
-@pytest.fixture(scope="module")
-def hub():
-    with running_hub() as server:
-        yield server
 
 
 def subprocess_env() -> dict:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config
-from hub_server import OTHER_TOKEN, WRITE_TOKEN, hub_env, running_hub, validate_card_metadata
+from hub_server import OTHER_TOKEN, WRITE_TOKEN, hub_env, validate_card_metadata
 from transformers import GenerationConfig
 
 from hub.model_card import build_model_card, count_parameters
@@ -73,19 +73,6 @@ LOADER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def hub():
-    with running_hub() as server:
-        yield server
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared CI cores the threads slow them down badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _png(values: list[float], width: int = 64, height: int = 32) -> bytes:

@@ -18,13 +18,6 @@ ADAPTED = {f"model.layers.{i}.{name}" for i in range(2)
            for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def adapted_layers(model) -> set[str]:
     prefix = "base_model.model."

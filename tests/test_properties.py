@@ -43,15 +43,6 @@ FP32_RTOL, FP32_ATOL = 1e-5, 1e-5
 BF16_TOLERANCE = 0.05
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Matrices this small gain nothing from a second thread, and on a loaded 2-core machine the threads' spin-waits
-    make each forward 20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---------------------------------------------------------------- strategies and helpers
 
