@@ -54,7 +54,8 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).p
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="shape preset (default: small on cpu)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="shape preset (default: small on cpu, gpt2-124m on cuda)")
     parser.add_argument("--models", default="minigpt,gpt2", help="comma-separated subset of: minigpt, gpt2")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per setting (the median is reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs before timing each setting")
@@ -247,7 +248,7 @@ def write_results(kind: str, args: argparse.Namespace, payload: dict, table: str
     payload = {"benchmark": kind, "size": args.size, "shape": SIZES[args.size], **env, **payload}
     _write_atomically(out / f"{stem}.json", json.dumps(payload, indent=2) + "\n")
     header = (
-        f"### {kind}: {args.size} on {env['device']} ({args.device})\n\n"
+        f"### {kind}{f' ({args.tag})' if args.tag else ''}: {args.size} on {env['device']} ({args.device})\n\n"
         f"{env['date']}, torch {env['torch']}, transformers {env['transformers']}, {env['cpu_threads']} CPU threads\n\n"
     )
     _write_atomically(out / f"{stem}.md", header + table + "\n")

@@ -457,7 +457,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, scale, chunk, grad_hidden_needed, grad_weight_needed):
         # hidden (N, C), weight (V, C), labels (N,) in [0, V), scale (N,): 1 / num_items, 0 where ignored
         grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight_needed else None
+        grad_weight = None  # (V, C) fp32, started by the first chunk: no zero-filled pass over a weight-sized buffer
         loss = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             h, y, s = hidden[start : start + chunk], labels[start : start + chunk], scale[start : start + chunk]
@@ -465,15 +465,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V), fp32 for this chunk only
             rows = torch.arange(y.shape[0], device=y.device)
             loss = loss - (logprobs[rows, y] * s).sum()
-            if grad_hidden is None and grad_weight is None:
+            if not (grad_hidden_needed or grad_weight_needed):
                 continue
             grad_logits = logprobs.exp_()
             grad_logits[rows, y] -= 1
             grad_logits = grad_logits.to(logits.dtype)  # (n, V), unscaled: s is applied to the small operands
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk] = (grad_logits @ weight) * s[:, None]
-            if grad_weight is not None:
-                grad_weight += grad_logits.t() @ (h * s[:, None]).to(h.dtype)
+            if grad_weight_needed:
+                part = grad_logits.t() @ (h * s[:, None]).to(h.dtype)  # (V, C)
+                grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss

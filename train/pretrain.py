@@ -411,8 +411,13 @@ def training_step(accelerator: Accelerator, model, micro_batches: list[dict], in
     model.train()
     for batch in micro_batches:
         with accelerator.accumulate(model):
+            # skip_logits: the chunked LM head + cross-entropy, the same loss and gradients without [B, T, V] logits
             out = model(
-                input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False, num_items_in_batch=num_items
+                input_ids=batch["input_ids"],
+                labels=batch["labels"],
+                use_cache=False,
+                num_items_in_batch=num_items,
+                skip_logits=True,
             )
             loss = out.loss  # sum of this micro-batch's token losses / num_items
             if inject_nan:
