@@ -1,6 +1,8 @@
 """The model itself: config validation, forward, loss, outputs, init, loading options and bad input."""
 
+import copy as copy_module
 import math
+import pickle
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from conftest import tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTModel
+from modeling_minigpt.modeling_minigpt import _HAS_MKL_PACKED_LINEAR
 
 pytestmark = pytest.mark.oldest
 
@@ -168,6 +171,54 @@ def test_lm_head_is_tied_and_untying_works(tmp_path):
     untied.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(reloaded.lm_head.weight, untied.lm_head.weight)
+
+
+needs_mkl = pytest.mark.skipif(not _HAS_MKL_PACKED_LINEAR, reason="the packed LM head needs torch built with MKL")
+
+
+@needs_mkl
+@pytest.mark.parametrize("rows", [1, 8, 16])
+def test_packed_lm_head_on_cpu_decoding_matches_linear_and_follows_weight_updates(rows):
+    head = build().lm_head  # tied: the same tensor as the token embeddings
+    x = torch.randn(rows, 1, 32)
+    with torch.no_grad():
+        logits = head(x)
+        assert head._packed is not None, "a CPU fp32 decoding step should take the packed path"
+        torch.testing.assert_close(logits, torch.nn.functional.linear(x, head.weight), rtol=0, atol=1e-5)
+        head.weight.mul_(-2)  # an in-place update (an optimizer step, a load) must not reuse the stale packing
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=0, atol=1e-5)
+        two = x[:2] if rows > 2 else x.repeat(2, 1, 1)  # another batch size packs again
+        torch.testing.assert_close(head(two), torch.nn.functional.linear(two, head.weight), rtol=0, atol=1e-5)
+
+
+@needs_mkl
+def test_packed_lm_head_is_dropped_by_training_and_full_sequence_calls():
+    model = build()
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+    assert model.lm_head._packed is not None
+    model(ids).logits.sum().backward()  # autograd on: the plain nn.Linear, with gradients
+    assert model.lm_head._packed is None and model.lm_head.weight.grad is not None
+    with torch.no_grad():
+        model(ids)  # all positions: a (B, T, V) product, which MKL packs efficiently by itself
+    assert model.lm_head._packed is None
+    assert set(model.state_dict()) == set(build().state_dict())  # the packed copy is never saved
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+    for copy in (copy_module.deepcopy(model), pickle.loads(pickle.dumps(model))):  # the opaque packing stays behind
+        assert copy.lm_head._packed is None
+        torch.testing.assert_close(copy(ids, logits_to_keep=1).logits, model(ids, logits_to_keep=1).logits)
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_packed_lm_head():
+    model = build()
+    plain = build()
+    plain.lm_head = torch.nn.Linear(32, 100, bias=False)
+    plain.lm_head.weight = plain.model.embed_tokens.weight
+    ids = torch.randint(3, 100, (4, 5))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), plain.generate(ids, **kwargs))
 
 
 def test_save_and_load_with_auto_classes_gives_identical_logits(tmp_path):
