@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end, as `make bench` runs them, at the smallest settings.
+
+These tests time nothing that they assert on (speed targets live in the benchmarks' own tables, see README); they
+check that every script finishes, measures both models, writes its JSON, table and plot, and that the fast
+decoding loop gives generate()'s tokens.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, out: Path, *args: str) -> dict:
+    """Run `python -m benchmarks.<script> --device cpu --out <out> <args>` and return the JSON it wrote."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", f"benchmarks.{script}", "--device", "cpu", "--out", str(out), *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (json_file,) = out.glob(f"*-{script.removeprefix('bench_')}-cpu-small*.json")
+    assert json_file.with_suffix(".md").read_text().count("|") > 10, "no markdown table next to the JSON"
+    return json.loads(json_file.read_text())
+
+
+def test_bench_train_measures_both_models_and_every_ablation(tmp_path):
+    payload = bench("bench_train", tmp_path, "--batch-size", "1", "--seq-len", "32", "--repeats", "1", "--ablations")
+    rows = payload["results"]
+    assert not [r for r in rows if "error" in r], rows
+    assert {r["model"] for r in rows} == {
+        "minigpt", "gpt2", "minigpt:logits", "minigpt:gelu_new", "minigpt:vocab50257", "minigpt:mask"
+    }
+    assert all(r["tokens_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert payload["torch"] and payload["transformers"] and payload["shape"]["vocab_size"] == 50304
+
+
+def test_bench_generate_runs_every_setting_and_the_fast_loop_matches_generate(tmp_path):
+    args = ["--batches", "1,2", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1", "--ablations"]
+    rows = bench("bench_generate", tmp_path, *args)["results"]
+    assert not [r for r in rows if "error" in r], rows
+    measured = {(r["model"], r["setting"], r["batch"]) for r in rows}
+    for batch in (1, 2):
+        for setting in ("dynamic", "static"):
+            assert {("minigpt", setting, batch), ("gpt2", setting, batch)} <= measured
+        assert ("minigpt", "fast", batch) in measured and ("minigpt:plain_head", "dynamic", batch) in measured
+    assert ("minigpt", "no_cache", 1) in measured and ("gpt2", "no_cache", 1) in measured
+    assert all(r["same_tokens_as_generate"] == 1.0 for r in rows if r["setting"] == "fast")
+
+
+def test_bench_scaling_writes_the_plot_and_runs_rope_past_the_learned_positions(tmp_path):
+    rows = bench("bench_scaling", tmp_path, "--lengths", "16,300", "--repeats", "1")["results"]
+    assert {(r["model"], r["context"]) for r in rows} == {
+        ("gpt2", 16), ("minigpt", 16), ("minigpt-rope", 16), ("minigpt-sinusoidal", 16),
+        ("minigpt-rope", 300), ("minigpt-sinusoidal", 300),  # 300 > n_positions=256: learned ones stop at 256
+    }
+    assert all(r["cache_ms"] > 0 and r["no_cache_ms"] > 0 for r in rows)
+    png = next(tmp_path.glob("*-scaling-cpu-small.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, words", [(["--device", "cpu", "--settings", "beam"], ["--settings", "dynamic"]),
+                                         (["--device", "cpu", "--prompt-len", "200", "--new-tokens", "100"],
+                                          ["exceeds", "lower"])])
+def test_bench_generate_bad_arguments_say_what_to_change(argv, words):
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_generate", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and all(word in done.stderr for word in words), done.stderr[-2000:]
