@@ -480,7 +480,8 @@ class MiniGPTLMHead(nn.Linear):
             and not torch.is_autocast_enabled("cpu")
         )
         if not decoding_on_cpu:
-            self._packed = None
+            if self._packed is not None:  # free it; when already None, leave a compiled graph no side effect
+                self._packed = None
             return super().forward(x)
         rows = x.shape[0]
         key = (weight.data_ptr(), weight._version, rows)  # the packed layout depends on the row count too
