@@ -461,7 +461,9 @@ class MiniGPTLMHead(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
-        self._packed = None  # ((data_ptr, version, rows), packed weight): not a buffer, so never saved or moved
+        # (source weight, its version, rows, packed weight); not a buffer, so never saved or moved. Holding the
+        # source keeps its memory alive, so no other weight can turn up at the same address and pass for it.
+        self._packed = None
 
     def __getstate__(self):  # deepcopy and pickle: the packed weight is an opaque MKL tensor, rebuilt on demand
         return {**super().__getstate__(), "_packed": None}
@@ -470,7 +472,7 @@ class MiniGPTLMHead(nn.Linear):
         x, weight = hidden_states, self.weight
         decoding_on_cpu = (
             _HAS_MKL_PACKED_LINEAR
-            and not torch.compiler.is_compiling()  # a compiled graph does its own packing
+            and not torch.compiler.is_compiling()  # compiled graphs take the plain path: no opaque cached state
             and not torch.is_grad_enabled()
             and x.ndim == 3
             and x.shape[1] == 1  # (B, 1, C): a decoding step, or a prefill with logits_to_keep=1
@@ -483,11 +485,12 @@ class MiniGPTLMHead(nn.Linear):
             if self._packed is not None:  # free it; when already None, leave a compiled graph no side effect
                 self._packed = None
             return super().forward(x)
-        rows = x.shape[0]
-        key = (weight.data_ptr(), weight._version, rows)  # the packed layout depends on the row count too
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkl._mkl_reorder_linear_weight(weight, rows))
-        logits = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), self._packed[1], weight, self.bias, rows)  # (B, V)
+        rows = x.shape[0]  # the packed layout depends on the row count too
+        cached = self._packed
+        if cached is None or cached[0].data_ptr() != weight.data_ptr() or cached[1:3] != (weight._version, rows):
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+            cached = self._packed = (weight.detach(), weight._version, rows, packed)
+        logits = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), cached[3], weight, self.bias, rows)  # (B, V)
         return logits.unsqueeze(1)  # (B, 1, V)
 
 

@@ -187,6 +187,10 @@ def test_packed_lm_head_on_cpu_decoding_matches_linear_and_follows_weight_update
         torch.testing.assert_close(logits, torch.nn.functional.linear(x, head.weight), rtol=0, atol=1e-5)
         head.weight.mul_(-2)  # an in-place update (an optimizer step, a load) must not reuse the stale packing
         torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=0, atol=1e-5)
+        head.weight.data = torch.randn_like(head.weight)  # new storage behind the same Parameter
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=0, atol=1e-5)
+        head.weight = torch.nn.Parameter(torch.randn_like(head.weight))  # a new Parameter, version 0
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight), rtol=0, atol=1e-5)
         two = x[:2] if rows > 2 else x.repeat(2, 1, 1)  # another batch size packs again
         torch.testing.assert_close(head(two), torch.nn.functional.linear(two, head.weight), rtol=0, atol=1e-5)
 
