@@ -1,21 +1,48 @@
 """MiniGPT, a GPT-style decoder as a transformers plugin.
 
-Importing this package registers MiniGPT with AutoConfig, AutoModel and AutoModelForCausalLM, and marks the
-classes for `register_for_auto_class`, so that `save_pretrained` writes `auto_map` into config.json and copies
-the two modeling files next to the weights (loadable with `trust_remote_code=True` where this package is absent).
+Importing this package registers MiniGPT with AutoConfig, AutoModel, AutoModelForCausalLM and the three task-head
+Auto classes, and marks the classes for `register_for_auto_class`, so that `save_pretrained` copies the two modeling
+files next to the weights. The config's `auto_map` names every class, so a checkpoint loads through each Auto class
+with `trust_remote_code=True` where this package is absent, whichever head saved it.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .configuration_minigpt import MiniGPTConfig
-from .modeling_minigpt import MiniGPTForCausalLM, MiniGPTModel, MiniGPTPreTrainedModel
+from .modeling_minigpt import (
+    MiniGPTForCausalLM,
+    MiniGPTForQuestionAnswering,
+    MiniGPTForSequenceClassification,
+    MiniGPTForTokenClassification,
+    MiniGPTModel,
+    MiniGPTPreTrainedModel,
+)
 
 AutoConfig.register(MiniGPTConfig.model_type, MiniGPTConfig, exist_ok=True)
-AutoModel.register(MiniGPTConfig, MiniGPTModel, exist_ok=True)
-AutoModelForCausalLM.register(MiniGPTConfig, MiniGPTForCausalLM, exist_ok=True)
-
 MiniGPTConfig.register_for_auto_class()
-MiniGPTModel.register_for_auto_class("AutoModel")
-MiniGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for auto_class, model_class in (
+    (AutoModel, MiniGPTModel),
+    (AutoModelForCausalLM, MiniGPTForCausalLM),
+    (AutoModelForSequenceClassification, MiniGPTForSequenceClassification),
+    (AutoModelForTokenClassification, MiniGPTForTokenClassification),
+    (AutoModelForQuestionAnswering, MiniGPTForQuestionAnswering),
+):
+    auto_class.register(MiniGPTConfig, model_class, exist_ok=True)
+    model_class.register_for_auto_class(auto_class.__name__)
 
-__all__ = ["MiniGPTConfig", "MiniGPTPreTrainedModel", "MiniGPTModel", "MiniGPTForCausalLM"]
+__all__ = [
+    "MiniGPTConfig",
+    "MiniGPTPreTrainedModel",
+    "MiniGPTModel",
+    "MiniGPTForCausalLM",
+    "MiniGPTForSequenceClassification",
+    "MiniGPTForTokenClassification",
+    "MiniGPTForQuestionAnswering",
+]

@@ -13,6 +13,14 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_minigpt.MiniGPTConfig",
+    "AutoModel": "modeling_minigpt.MiniGPTModel",
+    "AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_minigpt.MiniGPTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_minigpt.MiniGPTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_minigpt.MiniGPTForQuestionAnswering",
+}
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal", "rope")
 NORM_POSITIONS = ("pre", "post")
 FLOAT_FIELDS = ("rope_theta", "layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range")
@@ -44,7 +52,8 @@ class MiniGPTConfig(PreTrainedConfig):
         n_embd: width of the residual stream (`hidden_size`).
         n_layer: number of Transformer blocks (`num_hidden_layers`).
         n_head: attention heads per block (`num_attention_heads`); `n_embd` must divide by it.
-        n_inner: inner width of the feed-forward network; `None` means `4 * n_embd`.
+        n_inner: inner width of the feed-forward network (`intermediate_size`); `None` (the default) means
+            `4 * n_embd`, worked out when read, so that it follows `n_embd` (`hidden_size`) set later.
         activation_function: any name in `transformers.activations.ACT2FN` (relu, gelu, gelu_new, silu, ...).
         position_embedding_type: `learned` (GPT-2), `sinusoidal` (the original Transformer) or `rope` (rotary).
         rope_theta: base of the rotary frequencies, used with `rope` only.
@@ -69,7 +78,6 @@ class MiniGPTConfig(PreTrainedConfig):
         "max_position_embeddings": "n_positions",
         "num_attention_heads": "n_head",
         "num_hidden_layers": "n_layer",
-        "intermediate_size": "n_inner",
     }
 
     vocab_size: int = 50304
@@ -98,8 +106,11 @@ class MiniGPTConfig(PreTrainedConfig):
         # the parent sets the aliased fields (hidden_size=, num_attention_heads=, ...) from kwargs, and an alias
         # skips @strict's type check, so derive and check only after it
         super().__post_init__(**kwargs)
-        if self.n_inner is None:
-            self.n_inner = 4 * self.n_embd if _is_int(self.n_embd) else None
+        # every class this file and modeling_minigpt.py define, so that a checkpoint written by any head loads through
+        # every Auto class with trust_remote_code, as it does with the package installed (save_pretrained adds the
+        # saving class to this map and keeps the rest)
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
             if _is_int(value):
@@ -113,6 +124,8 @@ class MiniGPTConfig(PreTrainedConfig):
         """Raise a ValueError that names the bad field, its value and what is allowed."""
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             value = getattr(self, name)
+            if name == "n_inner" and value is None:  # 4 * n_embd, see intermediate_size
+                continue
             if not _is_int(value) or value <= 0:
                 alias = next((f" ({a})" for a, field in self.attribute_map.items() if field == name), "")
                 raise ValueError(f"MiniGPTConfig.{name}{alias} must be a positive integer, got {value!r}.")
@@ -175,6 +188,16 @@ class MiniGPTConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def intermediate_size(self) -> int:
+        """The feed-forward width: `n_inner`, or `4 * n_embd` while `n_inner` is None. Worked out on every read
+        rather than stored, so it follows `n_embd` when that changes after the config was made."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @intermediate_size.setter
+    def intermediate_size(self, value: int | None):
+        self.n_inner = value
 
 
 def _is_int(value) -> bool:

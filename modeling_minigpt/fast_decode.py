@@ -102,7 +102,7 @@ class FastDecoder:
             input_ids=tokens,
             attention_mask=self.key_mask[:, None, None, :],  # (B, 1, 1, S): a ready 4-D mask, used as it is
             position_ids=self.position,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -182,7 +182,7 @@ class FastDecoder:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=prompt_positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )

@@ -13,9 +13,10 @@ V vocab_size.
 The file imports only transformers and its own siblings (relatively), so `save_pretrained` can copy it next to
 the weights and `trust_remote_code=True` loads it without this package installed. It supports transformers
 5.17 to 5.x: the KV cache argument is called `past_key_values` up to 5.23 and `cache` from 5.24, and both are
-accepted (see `_pick_cache`).
+accepted (see `accepts_both_cache_names`).
 """
 
+import functools
 import json
 import math
 import os
@@ -29,23 +30,42 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_minigpt import MiniGPTConfig
 
-# transformers 5.24 renamed the output field `past_key_values` to `cache`; build outputs with whichever it has.
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name stays,
+# deprecated, until 5.40); 5.17 to 5.23 know only `past_key_values`. Every forward here takes `cache`, and this one
+# decorator maps the other name onto it: with transformers' own deprecation warning where `cache` is the current
+# name (as its built-in models do), silently where `past_key_values` still is.
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
+if _CACHE_FIELD == "cache":
+    accepts_both_cache_names = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+else:
 
-def _pick_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The one place where both names of the cache argument meet (`past_key_values` before 5.24, `cache` after)."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
-    return cache if cache is not None else past_key_values
+    def accepts_both_cache_names(forward: Callable) -> Callable:
+        @functools.wraps(forward)
+        def forward_taking_past_key_values(*args, past_key_values: Cache | None = None, **kwargs):
+            if past_key_values is not None:
+                if kwargs.get("cache") is not None:
+                    raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+                kwargs["cache"] = past_key_values
+            return forward(*args, **kwargs)
+
+        return forward_taking_past_key_values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,14 +222,14 @@ class MiniGPTMLP(nn.Module):
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
-        self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
         self.act_fn = ACT2FN[_FUSED_ACTIVATIONS.get(config.activation_function, config.activation_function)]
-        self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down_proj(self.act_fn(self.up_proj(x))))  # (B, T, C) -> (B, T, n_inner) -> (B, T, C)
+        return self.dropout(self.down_proj(self.act_fn(self.up_proj(x))))  # (B, T, C) -> (B, T, inner) -> (B, T, C)
 
 
 class MiniGPTBlock(GradientCheckpointingLayer):
@@ -236,7 +256,11 @@ class MiniGPTBlock(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        attn = lambda x: self.self_attn(x, attention_mask, position_embeddings, cache, **kwargs)[0]  # noqa: E731
+        def attn(x):
+            return self.self_attn(
+                x, attention_mask=attention_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
+            )[0]
+
         if self.pre_norm:
             hidden_states = hidden_states + attn(self.input_layernorm(hidden_states))
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -361,6 +385,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         self.embed_tokens = value
 
     @capture_outputs
+    @accepts_both_cache_names
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -369,14 +394,16 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        cache = _pick_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if use_cache is None:  # a cache is for generation: training forwards don't build one by default
             use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and (use_cache or cache is not None):
+            # backward recomputes each block, which would write its keys and values into the cache a second time
+            logger.warning_once("Caching is incompatible with gradient checkpointing; using use_cache=False.")
+            use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
@@ -399,7 +426,11 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
         for layer in self.layers:
-            hidden_states = layer(hidden_states, causal_mask, position_embeddings, cache, **kwargs)
+            # only hidden_states goes by position (reentrant checkpointing needs it so); the rest by keyword, where
+            # GradientCheckpointingLayer can see them
+            hidden_states = layer(
+                hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
+            )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
 
@@ -443,56 +474,6 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------------------
 # LM head and loss
 # ---------------------------------------------------------------------------------------------------------------
-
-# MKL's packed-GEMM ops (cblas_sgemm_pack), which inductor's CPU freezing pass also uses; absent from non-MKL builds.
-_HAS_MKL_PACKED_LINEAR = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-
-
-class MiniGPTLMHead(nn.Linear):
-    """The projection to the vocabulary: an nn.Linear (V, C) with one fast path for decoding on CPU.
-
-    On CPU, MKL packs the (V, C) weight into its GEMM layout on every call. For a decoding step (one position per
-    row) that repacking costs more than the product itself, and the head is the largest matmul of the step. So an
-    fp32 decoding step without autograd packs the weight once and reuses the packed copy while the weight, its
-    version and the batch size stay the same: the head runs 1.2x (batch 1) to 1.9x (batch 8) faster, and the
-    logits agree with nn.Linear's to rounding (bit for bit from 16 rows). The packed copy costs about 1.7x the
-    weight's memory, held while generating on CPU and dropped by any other call.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__(in_features, out_features, bias=bias)
-        # (source weight, its version, rows, packed weight); not a buffer, so never saved or moved. Holding the
-        # source keeps its memory alive, so no other weight can turn up at the same address and pass for it.
-        self._packed = None
-
-    def __getstate__(self):  # deepcopy and pickle: the packed weight is an opaque MKL tensor, rebuilt on demand
-        return {**super().__getstate__(), "_packed": None}
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x, weight = hidden_states, self.weight
-        decoding_on_cpu = (
-            _HAS_MKL_PACKED_LINEAR
-            and not torch.compiler.is_compiling()  # compiled graphs take the plain path: no opaque cached state
-            and not torch.is_grad_enabled()
-            and x.ndim == 3
-            and x.shape[1] == 1  # (B, 1, C): a decoding step, or a prefill with logits_to_keep=1
-            and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32
-            and not weight.is_inference()  # inference tensors have no version counter to notice updates by
-            and not torch.is_autocast_enabled("cpu")
-        )
-        if not decoding_on_cpu:
-            if self._packed is not None:  # free it; when already None, leave a compiled graph no side effect
-                self._packed = None
-            return super().forward(x)
-        rows = x.shape[0]  # the packed layout depends on the row count too
-        cached = self._packed
-        if cached is None or cached[0].data_ptr() != weight.data_ptr() or cached[1:3] != (weight._version, rows):
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-            cached = self._packed = (weight.detach(), weight._version, rows, packed)
-        logits = torch.ops.mkl._mkl_linear(x.reshape(rows, -1), cached[3], weight, self.bias, rows)  # (B, V)
-        return logits.unsqueeze(1)  # (B, 1, V)
-
 
 # Rows of hidden states per loss chunk: chunk x V logits (~64M values: 256 MB in fp32) are all that exist at once.
 _LOSS_CHUNK_ELEMENTS = 2**26
@@ -577,7 +558,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
         self.model = MiniGPTModel(config)
-        self.lm_head = MiniGPTLMHead(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -587,6 +568,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         self.lm_head = new_embeddings
 
     @can_return_tuple
+    @accepts_both_cache_names
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -597,7 +579,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -615,7 +596,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=_pick_cache(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -639,4 +620,47 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["MiniGPTPreTrainedModel", "MiniGPTModel", "MiniGPTForCausalLM"]
+# ---------------------------------------------------------------------------------------------------------------
+# Task heads: transformers' generic ones (as Llama has), on the same MiniGPTModel. The generic __init__ builds the
+# body through AutoModel, which a checkpoint loaded with trust_remote_code has not registered, so each head builds
+# MiniGPTModel itself and keeps the generic forward: last-token pooling that skips left or right padding (the
+# rightmost token that is not pad_token_id), start/end logits, per-token labels.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MiniGPTForSequenceClassification(GenericForSequenceClassification, MiniGPTPreTrainedModel):
+    def __init__(self, config: MiniGPTConfig):
+        MiniGPTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = MiniGPTModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+
+class MiniGPTForTokenClassification(GenericForTokenClassification, MiniGPTPreTrainedModel):
+    def __init__(self, config: MiniGPTConfig):
+        MiniGPTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = MiniGPTModel(config)
+        dropout = getattr(config, "classifier_dropout", None)  # the generic head's default: 0.1
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.n_embd, config.num_labels)
+        self.post_init()
+
+
+class MiniGPTForQuestionAnswering(GenericForQuestionAnswering, MiniGPTPreTrainedModel):
+    def __init__(self, config: MiniGPTConfig):
+        MiniGPTPreTrainedModel.__init__(self, config)
+        self.model = MiniGPTModel(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.post_init()
+
+
+__all__ = [
+    "MiniGPTPreTrainedModel",
+    "MiniGPTModel",
+    "MiniGPTForCausalLM",
+    "MiniGPTForSequenceClassification",
+    "MiniGPTForTokenClassification",
+    "MiniGPTForQuestionAnswering",
+]

@@ -8,7 +8,7 @@ and say exactly which line breaks the graph when one does.
 import pytest
 import torch
 from conftest import tiny_config
-from transformers import StaticCache
+from transformers import CompileConfig, StaticCache
 
 from modeling_minigpt import MiniGPTForCausalLM
 from modeling_minigpt.fast_decode import FastDecoder
@@ -84,17 +84,37 @@ def test_static_cache_decode_step_has_no_graph_breaks(pos):
     prompt = torch.randint(3, 100, (2, 8))
     cache = StaticCache(config=model.config, max_cache_len=16)
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        model(input_ids=prompt, cache=cache, use_cache=True)
         token = torch.randint(3, 100, (2, 1))
         mask = torch.ones(2, 9, dtype=torch.long)
         positions = torch.full((2, 1), 8)
 
         def decode_step(token, mask, positions):
-            out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1)
             return out.logits
 
         assert_no_graph_breaks(decode_step, token, mask, positions)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_the_forward_generate_compiles_never_recompiles_across_decode_steps(pos):
+    """transformers' common test_generate_compile_model_forward_fullgraph: generate(cache_implementation="static")
+    compiles the decode step (on CUDA by itself; on CPU when asked to, as here) with fullgraph=True. Any guard that
+    changes from one step to the next (a cached tensor's type, a Python attribute the forward mutates) recompiles
+    it. A warm-up compiles the first decode step; from then on the stance makes any recompile an error."""
+    model = build(position_embedding_type=pos).eval()
+    compile_config = CompileConfig(backend="eager", fullgraph=True)  # Dynamo's guards without Inductor's codegen
+    compile_config._compile_all_devices = True  # the switch transformers' own generation tests use on CPU
+    kwargs = dict(do_sample=False, max_new_tokens=8, cache_implementation="static", compile_config=compile_config)
+    prompt = torch.randint(3, 100, (2, 6))
+    eager = model.generate(prompt, do_sample=False, max_new_tokens=8, cache_implementation="static")
+    model.generate(prompt, **{**kwargs, "max_new_tokens": 2})  # warm-up: the prefill and one compiled decode step
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = model.generate(prompt, **kwargs)
+        other = torch.randint(3, 100, (2, 6))
+        model.generate(other, **kwargs)  # another prompt of the same shape: the same graph
+    assert torch.equal(again, eager)
 
 
 def test_fast_decode_step_has_no_graph_breaks():
@@ -110,7 +130,8 @@ def test_decode_without_padding_builds_no_mask():
     model = build().eval()
     seen = []
     model.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda module, args: seen.append(None if args[1] is None else tuple(args[1].shape))
+        lambda module, args, kwargs: seen.append(None if kwargs["attention_mask"] is None else tuple(kwargs["attention_mask"].shape)),
+        with_kwargs=True,
     )
     ids = torch.randint(3, 100, (2, 6))
     model.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None)

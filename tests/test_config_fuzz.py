@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("hypothesis")
 from hypothesis import event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
@@ -24,7 +24,7 @@ from modeling_minigpt.configuration_minigpt import NORM_POSITIONS, POSITION_EMBE
 BASE = dict(
     vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=0
 )
-ALIASES = dict(MiniGPTConfig.attribute_map)  # hidden_size -> n_embd, ...
+ALIASES = {**MiniGPTConfig.attribute_map, "intermediate_size": "n_inner"}  # hidden_size -> n_embd, ...
 SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 FLOATS = ("rope_theta", "layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range")
 CHOICES = {
@@ -90,7 +90,7 @@ def names_in(field: str) -> set[str]:
 def assert_runs(config: MiniGPTConfig):
     """A valid config builds a model whose forward gives finite logits, and a finite loss in training mode.
     Sizes beyond MAX_BUILT are valid too (10**12 positions is a config, not an error), but too big to build here."""
-    if max(getattr(config, name) for name in SIZES) > MAX_BUILT:
+    if max(getattr(config, "intermediate_size" if name == "n_inner" else name) for name in SIZES) > MAX_BUILT:
         return
     torch.manual_seed(0)
     model = MiniGPTForCausalLM(config)
@@ -198,7 +198,29 @@ def test_bad_values_found_by_fuzzing_raise_value_errors_naming_the_field(fields,
 def test_aliases_set_the_field_before_the_derived_values():
     """hidden_size=64 once left n_inner at 4 * the default width (3072) instead of 4 * 64."""
     config = MiniGPTConfig(hidden_size=64, num_attention_heads=4)
-    assert (config.n_embd, config.n_head, config.n_inner) == (64, 4, 256)
+    assert (config.n_embd, config.n_head, config.intermediate_size) == (64, 4, 256)
+
+
+def test_the_feed_forward_width_follows_n_embd_set_after_the_config_was_made(tmp_path):
+    """transformers' model testers set sizes on a made config; GPT2Config keeps n_inner=None and the model takes
+    4 * n_embd when it is built. MiniGPT once froze 4 * 768 = 3072 at config time."""
+    config = AutoConfig.for_model("minigpt")
+    config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.vocab_size = 64, 4, 1, 100
+    assert config.n_inner is None and config.intermediate_size == 256
+    model = MiniGPTForCausalLM(config)
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (256, 64)
+    other = MiniGPTConfig(n_embd=64, n_head=4, n_layer=1)
+    other.n_embd = 32  # n_embd directly, as well as through its alias
+    assert other.intermediate_size == 128
+    explicit = MiniGPTConfig(n_embd=64, n_head=4, n_layer=1, intermediate_size=100)
+    assert explicit.n_inner == 100
+    explicit.n_embd = 32  # set by the user: stays
+    assert explicit.intermediate_size == 100
+    model.save_pretrained(tmp_path)  # round trip: n_inner stays None (derived), the weights fit
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.n_inner is None
+    assert {**reloaded.config.to_dict(), "_name_or_path": ""} == {**model.config.to_dict(), "_name_or_path": ""}
+    assert reloaded.model.layers[0].mlp.up_proj.weight.shape == (256, 64)
 
 
 def test_ints_in_float_fields_are_accepted_as_written_by_json_and_yaml():

@@ -230,7 +230,9 @@ def test_save_and_load_round_trip_through_safetensors_only(fields, batch):
         assert torch.equal(tensor, expected[name]), name
     tied = loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert tied == model.config.tie_word_embeddings
-    assert torch.equal(logits(loaded, ids, mask), logits(model, ids, mask))
+    # the same weights bit for bit, but not always the same address alignment (safetensors maps tensors at 8-byte
+    # offsets), and MKL picks its small-GEMM kernels by alignment: equal to rounding, not always bit for bit
+    torch.testing.assert_close(logits(loaded, ids, mask), logits(model, ids, mask), rtol=1e-6, atol=1e-6)
 
 
 @given(configs(), batches(), st.data())

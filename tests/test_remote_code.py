@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 from transformers import pipeline
 
-from modeling_minigpt import MiniGPTForCausalLM
+from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from train.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.oldest
@@ -47,7 +47,11 @@ def test_save_pretrained_writes_auto_map_and_the_code(saved):
     assert config["model_type"] == "minigpt"
     assert config["auto_map"] == {
         "AutoConfig": "configuration_minigpt.MiniGPTConfig",
+        "AutoModel": "modeling_minigpt.MiniGPTModel",
         "AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_minigpt.MiniGPTForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_minigpt.MiniGPTForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_minigpt.MiniGPTForQuestionAnswering",
     }
     code = (folder / "modeling_minigpt.py").read_text()
     assert "from .configuration_minigpt import" in code  # relative, so the copy imports its sibling
@@ -75,6 +79,43 @@ def test_trust_remote_code_load_without_the_package_generates_the_same_tokens(sa
     result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_every_auto_class_loads_from_the_checkpoint_alone_whichever_head_saved_it(saved, tmp_path):
+    """With the package installed, AutoModel and the task-head Auto classes work; from the checkpoint alone
+    (trust_remote_code) they must too, for a folder written by the LM or by a classification head. The body's
+    hidden states must be the saved model's."""
+    lm_folder, lm, _ = saved
+    torch.manual_seed(1)
+    classifier = MiniGPTForSequenceClassification(tiny_config(num_labels=3)).eval()
+    classifier.save_pretrained(tmp_path)
+    ids = torch.randint(3, 100, (1, 6))
+    expected = {str(lm_folder): lm.model(ids).last_hidden_state, str(tmp_path): classifier.model(ids).last_hidden_state}
+    child = BLOCK_PACKAGE + textwrap.dedent(
+        f"""
+        import json, torch, transformers
+        autos = ["AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification",
+                 "AutoModelForTokenClassification", "AutoModelForQuestionAnswering"]
+        result = {{}}
+        for folder in {list(expected)!r}:
+            for name in autos:
+                model = getattr(transformers, name).from_pretrained(folder, trust_remote_code=True).eval()
+                body = model if name == "AutoModel" else model.model
+                hidden = body(torch.tensor({ids.tolist()})).last_hidden_state
+                result[folder + "|" + name] = [type(model).__name__, hidden.flatten().tolist()]
+        print(json.dumps(result))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    heads = ["MiniGPTModel", "MiniGPTForCausalLM", "MiniGPTForSequenceClassification",
+             "MiniGPTForTokenClassification", "MiniGPTForQuestionAnswering"]  # fmt: skip
+    for folder, hidden in expected.items():
+        got = [loaded[key] for key in loaded if key.startswith(folder + "|")]
+        assert [name for name, _ in got] == heads
+        for _, values in got:
+            torch.testing.assert_close(torch.tensor(values).view_as(hidden), hidden)
 
 
 def test_loading_the_folder_without_trust_remote_code_asks_for_it(saved):
