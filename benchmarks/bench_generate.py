@@ -9,8 +9,6 @@ and, for MiniGPT only,
     fast      modeling_minigpt.fast_decode.FastDecoder with its defaults: on GPU the whole step (forward, argmax,
               bookkeeping) compiled with torch.compile(fullgraph=True) and replayed as one CUDA graph; on CPU the
               same step run eagerly.
-With --ablations, MiniGPT also runs with its LM head replaced by a plain nn.Linear on the same weight
-(`minigpt:plain_head`): what the CPU decoding path of `MiniGPTLMHead` (the weight packed once for MKL) is worth.
 GPU: bf16 weights; CPU: fp32. Reports new tokens/s, ms per new token and peak memory (median over the timed runs;
 warm-up runs excluded), with ratios to GPT-2 in the same setting.
 
@@ -32,21 +30,8 @@ SETTINGS = ["dynamic", "static", "fast", "no_cache"]  # table order
 RUN_ORDER = ["static", "fast", "dynamic", "no_cache"]
 
 
-def build_variant(name: str, shape: dict, device: str) -> torch.nn.Module:
-    """A benchmark model, or the MiniGPT ablation `minigpt:plain_head`."""
-    base, _, ablation = name.partition(":")
-    model = common.build_model(base, shape, device)
-    if ablation == "plain_head":
-        tied = model.lm_head.weight
-        model.lm_head = torch.nn.Linear(tied.shape[1], tied.shape[0], bias=False, device=tied.device)
-        model.lm_head.weight = tied
-    return model
-
-
 def runs_in(name: str, setting: str) -> bool:
-    """MiniGPT runs every setting, GPT-2 every generate() one, an ablation the default (dynamic) cache only."""
-    if ":" in name:
-        return setting == "dynamic"
+    """MiniGPT runs every setting, GPT-2 every generate() one."""
     return name == "minigpt" or setting != "fast"
 
 
@@ -81,8 +66,7 @@ def run(args) -> dict:
     rows = []
     payload = {"prompt_len": P, "new_tokens": N, "dtype": str(dtype).removeprefix("torch."), "repeats": args.repeats,
                "warmup": args.warmup, "results": rows}
-    names = args.models + (["minigpt:plain_head"] if args.ablations else [])
-    models = {name: build_variant(name, shape, args.device).to(dtype).eval() for name in names}
+    models = {name: common.build_model(name, shape, args.device).to(dtype).eval() for name in args.models}
 
     for setting in sorted(args.settings, key=RUN_ORDER.index):
         for batch in args.batches:
@@ -219,8 +203,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated batch sizes (default: 1,32 on GPU, 1,8 on CPU)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 128; 64 for small)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens to generate (default: 256; 128 for small)")
-    parser.add_argument("--ablations", action="store_true",
-                        help="also run MiniGPT with a plain nn.Linear LM head (dynamic cache)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     parser.add_argument("--no-cache-batches", default=None,
                         help="batch sizes that also run no_cache (default: all on GPU, 1 on CPU, where it is slow)")

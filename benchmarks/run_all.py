@@ -34,8 +34,6 @@ def stage_command(stage: str, args, extra: list[str]) -> list[str]:
         cmd += ["--modes", args.train_modes]
     if stage == "ablations":
         cmd += ["--modes", "eager", "--models", "minigpt", "--ablations", "--tag", "ablations"]
-    if stage == "generate" and args.device == "cpu":
-        cmd += ["--ablations"]  # the packed LM head is a CPU path: on GPU the plain-head run would show nothing
     return cmd + extra
 
 
