@@ -6,7 +6,8 @@ a rented GPU node breaks a days-long run:
 - SIGKILL while a checkpoint is being written: the previous checkpoint stays intact and is the one resumed;
 - a disk that fills up mid-run (a real tmpfs), and a read-only checkpoint folder: clear errors, earlier checkpoints
   untouched, the run goes on, and the state is saved once space or permission returns;
-- a loss that becomes NaN/inf: skipped and counted with --skip_nonfinite, otherwise a stop with exit status 3;
+- a loss or gradient that becomes NaN/inf: skipped and counted with --skip_nonfinite, otherwise a stop with exit
+  status 3; weights or optimizer state that become NaN/inf: exit 3 before any checkpoint holds them;
 - 2 ranks, one SIGKILLed, then one hung (SIGSTOP): the other exits with an error by itself within --ddp_timeout,
   and a resume from the last checkpoint continues the same losses.
 
@@ -15,7 +16,9 @@ Subprocesses write their output to files (a full pipe would block them) and run 
 
 import hashlib
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -291,8 +294,27 @@ def test_read_only_checkpoint_folder_fails_clearly_and_keeps_the_state_for_a_ret
 
 
 # --------------------------------------------------------------------------------------------------- NaN / inf
+def assert_finite_checkpoint(folder: Path) -> None:
+    """Every tensor of the weights and of AdamW's state (exp_avg, exp_avg_sq, step) is finite."""
+    for name, t in weights(folder).items():
+        assert torch.isfinite(t).all(), f"{folder.name}: weight {name}"
+    for key, slots in torch.load(folder / "optimizer.bin", weights_only=True)["state"].items():
+        for slot, t in slots.items():
+            assert torch.isfinite(t).all(), f"{folder.name}: optimizer state {slot} of parameter {key}"
+
+
+def stopped_at(err: str) -> tuple[str, int]:
+    """What the exit-3 message says became non-finite, and at which step."""
+    pattern = r"pretrain: error: the (loss|gradient norm|weights|optimizer state) became .*? at step (\d+);"
+    match = re.search(pattern, err)
+    assert match, err
+    return match.group(1), int(match.group(2))
+
+
 def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
-    """A real divergence, not an injected one: learning rate 1e4 and no clipping give an inf, then a NaN loss."""
+    """A real divergence, not an injected one: learning rate 1e4 and no clipping. Which check fires first (the loss,
+    the gradient norm, or the weights before a save) and at which step differs between CPUs; what may not differ is
+    that no checkpoint holds a NaN/inf and that the one named as the last good is the latest."""
     out, ckpts = tmp_path / "diverge", tmp_path / "diverge" / "checkpoints"
     argv = tiny_args(corpus, out, "--max_steps", 50, "--save_every", 1, "--keep_last", 50, "--learning_rate", 1e4,
                      "--min_learning_rate", 0, "--warmup_steps", 0, "--max_grad_norm", 0)  # fmt: skip
@@ -300,13 +322,63 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(co
         main(argv)
     assert e.value.code == EXIT_NONFINITE
     err = capsys.readouterr().err
-    assert "pretrain: error: the loss became" in err and "--skip_nonfinite" in err
-    bad = int(err.split("the loss became ")[1].split(" at step ")[1].split(";")[0])
-    last_good = ckpts / f"step-{bad - 1}"
-    assert f"the last good checkpoint is {last_good}" in err
-    assert latest_checkpoint(ckpts) == last_good and not (ckpts / f"step-{bad}").exists()
-    assert all(torch.isfinite(t).all() for t in weights(last_good).values())
-    assert max(losses(out)) == bad - 1  # the bad step is not logged as a normal one
+    _, bad = stopped_at(err)
+    last_good = latest_checkpoint(ckpts)
+    assert last_good is not None and f"the last good checkpoint is {last_good}." in err
+    assert last_good == ckpts / f"step-{bad - 1}" and not (ckpts / f"step-{bad}").exists()
+    for folder in ckpts.iterdir():
+        assert_finite_checkpoint(folder)
+
+
+def test_nonfinite_gradients_under_a_finite_loss_stop_or_skip_without_clipping(corpus, tmp_path, capsys):
+    """--max_grad_norm 0 turns clipping off, not the check: the norm is still computed, and a NaN gradient behind a
+    finite loss stops the run (exit 3) or, with --skip_nonfinite, is skipped like a NaN loss."""
+    out, ckpts = tmp_path / "grads", tmp_path / "grads" / "checkpoints"
+    extra = ("--max_steps", 5, "--save_every", 1, "--keep_last", 5, "--max_grad_norm", 0,
+             "--inject_nonfinite_at_step", 3, "--inject_nonfinite_into", "grads")  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(corpus, out, *extra))
+    assert e.value.code == EXIT_NONFINITE
+    err = capsys.readouterr().err
+    assert f"the gradient norm became nan at step 3; stopping. the last good checkpoint is {ckpts / 'step-2'}." in err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-2"]
+    assert_finite_checkpoint(ckpts / "step-2")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["grad_norm"]) for r in records if "loss" in r), "computed without clipping too"
+
+    skipped = tmp_path / "grads-skipped"
+    assert main(tiny_args(corpus, skipped, *extra, "--skip_nonfinite"))["status"] == "done"
+    log = {r["step"]: r for r in map(json.loads, (skipped / "log.jsonl").read_text().splitlines()) if "loss" in r}
+    assert math.isfinite(log[3]["loss"]) and math.isnan(log[3]["grad_norm"]) and log[3]["skipped_steps"] == 1
+    assert_identical_weights(skipped / "checkpoints" / "step-2", skipped / "checkpoints" / "step-3")
+    assert_finite_checkpoint(skipped / "checkpoints" / "step-5")
+
+
+@pytest.mark.parametrize(
+    "into, save_every, what",
+    [
+        ("weights", 1, "the weights became non-finite ("),  # found before a periodic save
+        # found before the final save: a NaN/inf in AdamW's moments poisons no loss; only the save-time check sees it
+        ("optimizer_state", 2, "the optimizer state became non-finite (exp_avg_sq of "),
+    ],
+)
+def test_nonfinite_weights_or_optimizer_state_are_never_checkpointed_even_with_skip_nonfinite(
+    corpus, tmp_path, capsys, into, save_every, what
+):
+    out, ckpts = tmp_path / into, tmp_path / into / "checkpoints"
+    argv = tiny_args(corpus, out, "--max_steps", 3, "--save_every", save_every, "--keep_last", 5, "--skip_nonfinite",
+                     "--inject_nonfinite_at_step", 3, "--inject_nonfinite_into", into)  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == EXIT_NONFINITE  # a poisoned update cannot be skipped after the fact
+    err = capsys.readouterr().err
+    assert f"pretrain: error: {what}" in err and stopped_at(err) == (into.replace("_", " "), 3)
+    assert f"stopping. the last good checkpoint is {ckpts / 'step-2'}." in err
+    assert "the checkpoint of step 3 was not written" in err
+    assert latest_checkpoint(ckpts) == ckpts / "step-2" and not (ckpts / "step-3").exists()
+    assert not (out / "model.safetensors").exists(), "no final model either"
+    assert_finite_checkpoint(ckpts / "step-2")
+    assert max(losses(out)) == 3  # the step itself looked fine: a finite loss and gradient norm
 
 
 def test_skip_nonfinite_skips_the_update_and_counts_it(corpus, tmp_path):

@@ -169,6 +169,7 @@ SPEC = {
     "hub_model_id": (["alice/tiny", "tiny", "bad id!", "a/b/c", "x" * 97], str, None),  # checked with push_to_hub
     "hub_private": (BOOLS, bool, None),
     "inject_nonfinite_at_step": (COUNTS, int, lambda v: v >= 0),
+    "inject_nonfinite_into": (["loss", "grads", "weights", "optimizer_state", "optimizer", "Loss", ""], str, None),
     "debug_save_delay": (FLOATS, float, lambda v: finite(v) and v >= 0),
     "debug_rank_dumps": (BOOLS, bool, None),
 }

@@ -19,7 +19,7 @@ from train.checkpoints import is_checkpoint
 from train.data import DataArguments, DataError, check_data_arguments
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-EXIT_NONFINITE = 3  # exit status of a run stopped by a NaN/inf loss (here: --skip_nonfinite's help names it)
+EXIT_NONFINITE = 3  # exit status of a run stopped by NaN/inf (here: --skip_nonfinite's help names it)
 
 
 def arg(default, help: str, **metadata):
@@ -94,14 +94,22 @@ class TrainArguments:
     peak_tflops: float = arg(0.0, "Peak TFLOP/s of one device, for MFU. 0 = look the GPU up; unknown = no MFU.")
     skip_nonfinite: bool = arg(
         False,
-        "On a NaN/inf loss, skip that optimizer step (zero grads, no update) and count it in the logs, instead "
-        f"of stopping with exit status {EXIT_NONFINITE}.",
+        "On a NaN/inf loss or gradient norm, skip that optimizer step (zero grads, no update) and count it in the "
+        f"logs, instead of stopping with exit status {EXIT_NONFINITE}.",
     )
     ddp_timeout: int = arg(1800, "Seconds a collective waits for the other processes before the run fails.")
     push_to_hub: bool = arg(False, "After the final save, push output_dir with hub.push.push_folder.")
     hub_model_id: str | None = arg(None, "Hub repo id (user/name) for --push_to_hub.")
     hub_private: bool = arg(False, "Create the Hub repo as private.")
-    inject_nonfinite_at_step: int = arg(0, "For fault-injection tests: make the loss of optimizer step N NaN.")
+    inject_nonfinite_at_step: int = arg(
+        0, "For fault-injection tests: make optimizer step N non-finite where --inject_nonfinite_into says."
+    )
+    inject_nonfinite_into: str = arg(
+        "loss",
+        "For fault-injection tests: loss (NaN), grads (a NaN gradient under a finite loss), weights or "
+        "optimizer_state (an inf after the update).",
+        choices=["loss", "grads", "weights", "optimizer_state"],
+    )
     debug_save_delay: float = arg(
         0.0,
         "For fault-injection tests: seconds to sleep after a checkpoint's temporary folder is written and "

@@ -16,7 +16,8 @@ Output folder layout:
 
 Faults: SIGTERM/SIGINT finish the current optimizer step, save a checkpoint and exit 0; checkpoints are written
 to `.tmp-step-<N>` and renamed when complete; a failed save is reported and retried at the next save; a NaN/inf
-loss stops the run (exit 3) unless --skip_nonfinite.
+loss or gradient norm stops the run (exit 3) unless --skip_nonfinite; weights or optimizer state found NaN/inf before
+a checkpoint is written stop it (exit 3) always, so no checkpoint holds them.
 """
 
 import json
@@ -300,6 +301,11 @@ def fit(run: dict) -> str:
     status, last_saved = "done", None
 
     def save() -> Path | None:  # every process takes part; None when the save failed (reported, retried next time)
+        # the loss and gradient checks cannot see an update that overflows the weights or AdamW's moments, and such
+        # a checkpoint would poison every resume; skipping is too late now, so this stops even with --skip_nonfinite
+        what = nonfinite_state(accelerator, model, optimizer)
+        if what:
+            raise NonFiniteLoss(state["step"], what, latest_checkpoint(run["ckpt_root"]), skippable=False)
         train_state = {"state": state, "args": run["run_args"], "scheduler": scheduler.state_dict()}
         root, delay = run["ckpt_root"], args.debug_save_delay
         return save_checkpoint(
@@ -316,17 +322,20 @@ def fit(run: dict) -> str:
             micro_batches = next(batches)
             if args.debug_rank_dumps:
                 consumed += [i for b in micro_batches for i in b["block_ids"].tolist()]
-            inject = args.inject_nonfinite_at_step == state["step"] + 1
-            loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject)
+            inject = args.inject_nonfinite_into if args.inject_nonfinite_at_step == state["step"] + 1 else None
+            loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
+            if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives
+                next(model.parameters()).grad.view(-1)[0] = float("nan")
             # one all-reduce per step: the step's mean loss over every rank, and whether any rank got a signal
             flag = torch.tensor(float(stop["signal"] is not None), device=loss_sum.device)
             loss, stop_votes = accelerator.reduce(torch.stack([loss_sum, flag]), "sum").tolist()
             grad_norm = float("nan")
-            if math.isfinite(loss) and args.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+            if math.isfinite(loss):  # the norm is computed even without clipping (max_norm inf): it is the check
+                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm).item()
             # a finite loss can still give inf/nan gradients; fp16's GradScaler skips those steps by itself,
             # elsewhere the update would poison the weights (and the next checkpoint)
-            bad_grads = args.max_grad_norm > 0 and not math.isfinite(grad_norm) and accelerator.scaler is None
+            bad_grads = not math.isfinite(grad_norm) and accelerator.scaler is None
             if not math.isfinite(loss) or bad_grads:
                 if not args.skip_nonfinite:
                     what = (
@@ -340,6 +349,9 @@ def fit(run: dict) -> str:
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            if inject in ("weights", "optimizer_state"):  # an update that overflows, found only by save()'s check
+                p = next(model.parameters())
+                (p.data if inject == "weights" else optimizer.state[p]["exp_avg_sq"]).view(-1)[0] = float("inf")
             scheduler.step()
             state["step"] += 1
             state["samples_in_epoch"] += blocks_per_step
@@ -429,15 +441,35 @@ def training_step(accelerator: Accelerator, model, micro_batches: list[dict], in
     return loss_sum
 
 
+def nonfinite_state(accelerator: Accelerator, model, optimizer) -> str | None:
+    """What holds a NaN/inf among the weights and the optimizer state ("the weights became non-finite (name)"), on
+    any process, or None. One pass over every tensor: save() calls it before each checkpoint, not every step."""
+    names = {p: n for n, p in accelerator.unwrap_model(model).named_parameters()}
+    bad = next((f"the weights became non-finite ({n})" for p, n in names.items() if not p.isfinite().all()), None)
+    for p, slots in optimizer.state.items():
+        for slot, t in slots.items():
+            if bad is None and torch.is_tensor(t) and not t.isfinite().all():
+                bad = f"the optimizer state became non-finite ({slot} of {names.get(p, 'a parameter')})"
+    # every process must stop together; a rank that found nothing names what another found only in its own message
+    if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), "sum").item() == 0:
+        return None
+    return bad or "the weights or optimizer state of another process became non-finite"
+
+
 class NonFiniteLoss(SystemExit):
     """Exit status EXIT_NONFINITE; main() prints `message` (what went non-finite, where the last good state is)."""
 
-    def __init__(self, step: int, what: str, last_good: Path | None):
+    def __init__(self, step: int, what: str, last_good: Path | None, skippable: bool = True):
         where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+        fix = (
+            "or pass --skip_nonfinite to skip such steps"
+            if skippable
+            else f"or clip with --max_grad_norm; the checkpoint of step {step} was not written"
+        )
         super().__init__(EXIT_NONFINITE)
         self.message = (
             f"pretrain: error: {what} at step {step}; stopping. {where}. Resume with "
-            "--resume latest and a lower --learning_rate, or pass --skip_nonfinite to skip such steps."
+            f"--resume latest and a lower --learning_rate, {fix}."
         )
 
 
