@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import tiny_config
 from hub_server import hub_env
 from modeling_minigpt import MiniGPTForCausalLM
 from train import evaluate as lm_eval
 from train import finetune
-from train.finetune import PromptTemplate, SupervisedCollator, encode_pair
-from train.tokenizer import train_tokenizer
+from train.finetune import CausalCollator, PromptTemplate, SupervisedCollator, encode_pair
+from train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "train" / "examples"
@@ -84,6 +84,18 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
+def eos_pad_tokenizer(tmp_path_factory, tokenizer):
+    """The same BPE saved without a pad token, as every GPT-2-style tokenizer is: load_tokenizer pads with EOS."""
+    folder = tmp_path_factory.mktemp("no-pad")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token=BOS, eos_token=EOS).save_pretrained(
+        folder
+    )
+    padless = load_tokenizer(str(folder))
+    assert padless.pad_token_id == padless.eos_token_id == tokenizer.eos_token_id
+    return padless
+
+
+@pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("base"), tokenizer)
 
@@ -130,8 +142,34 @@ def test_build_datasets_uses_the_field_names_and_template(tokenizer, tmp_path):
     assert tokenizer.decode(answer).endswith("<|eos|>")
 
 
+def test_padding_is_masked_by_position_so_eos_stays_a_target_when_pad_is_eos(eos_pad_tokenizer):
+    """Hand-built rows, with EOS = pad = 2: every EOS that separates or ends a document is a label, packed or not,
+    causal or supervised; exactly the padding positions are -100."""
+    eos = eos_pad_tokenizer.eos_token_id
+    assert eos == eos_pad_tokenizer.pad_token_id == 2
+    collate = CausalCollator(eos_pad_tokenizer)
+
+    packed = collate([{"input_ids": [5, 6, 2, 7, 2, 8]}, {"input_ids": [9, 2, 10, 11, 12, 2]}])  # no padding at all
+    assert packed["labels"].tolist() == [[5, 6, 2, 7, 2, 8], [9, 2, 10, 11, 12, 2]]
+    assert packed["attention_mask"].tolist() == [[1] * 6, [1] * 6]
+
+    unpacked = collate([{"input_ids": [5, 6, 2]}, {"input_ids": [7, 2]}, {"input_ids": [8, 9, 10, 2]}])
+    assert unpacked["input_ids"].tolist() == [[5, 6, 2, 2], [7, 2, 2, 2], [8, 9, 10, 2]]
+    assert unpacked["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert unpacked["labels"].tolist() == [[5, 6, 2, -100], [7, 2, -100, -100], [8, 9, 10, 2]]
+
+    rows = [{"input_ids": [1, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2]},
+            {"input_ids": [1, 8, 2], "labels": [-100, 8, 2]}]  # fmt: skip
+    supervised = SupervisedCollator(eos_pad_tokenizer.pad_token_id)(rows)
+    assert supervised["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 8, 2, 2, 2]]
+    assert supervised["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert supervised["labels"].tolist() == [[-100, -100, 6, 7, 2], [-100, 8, 2, -100, -100]]
+
+
+@pytest.mark.parametrize("pad", ["own", "eos"])
 @pytest.mark.parametrize("packing", [True, False])
-def test_causal_rows_packed_or_padded(tokenizer, tmp_path, packing):
+def test_causal_rows_packed_or_padded(tokenizer, eos_pad_tokenizer, tmp_path, packing, pad):
+    tokenizer = eos_pad_tokenizer if pad == "eos" else tokenizer
     docs = [r["answer"] + " " + r["question"] for r in read_jsonl(QA)[:12]]
     data = write_jsonl(tmp_path / "docs.jsonl", [{"body": d} for d in docs])
     args = finetune.DataArguments(train_file=str(data), mode="causal", text_field="body", packing=packing)
@@ -140,15 +178,34 @@ def test_causal_rows_packed_or_padded(tokenizer, tmp_path, packing):
     if packing:  # one stream, EOS after each document, cut into full blocks (only the last may be shorter)
         assert [t for row in train["input_ids"] for t in row] == stream
         assert all(len(row) == 16 for row in train["input_ids"][:-1])
-    else:  # one row per document, cut to max_length
+        ended = len(docs)  # every document's EOS is in some block
+    else:  # one row per document, cut to max_length: a cut document loses its EOS
         assert len(train) == len(docs) and max(len(row) for row in train["input_ids"]) == 16
-    batch = DataCollatorForLanguageModeling(tokenizer, mlm=False)(list(train))
+        ended = sum(len(tokenizer.encode(d)) + 1 <= 16 for d in docs)
+    batch = CausalCollator(tokenizer)(list(train))
     padding = batch["attention_mask"] == 0
-    assert batch["labels"][padding].eq(-100).all()
+    assert torch.equal(batch["labels"] == -100, padding)  # exactly the padding positions are masked
     assert torch.equal(batch["labels"][~padding], batch["input_ids"][~padding])  # every real token is a target
+    assert int((batch["labels"] == tokenizer.eos_token_id).sum()) == ended > 0  # EOS included, pad == EOS or not
     assert packing or padding.any()  # documents of different lengths were padded
     with pytest.raises(ValueError, match="no field 'text'.*--text_field"):
         finetune.build_datasets(finetune.DataArguments(train_file=str(data)), tokenizer, 16, 0)
+
+
+def test_causal_finetuning_with_a_tokenizer_without_pad_trains_on_every_eos(tmp_path, eos_pad_tokenizer):
+    """The run itself: train.finetune --mode causal on a pad-less tokenizer feeds Trainer batches whose EOS
+    separators are all targets (DataCollatorForLanguageModeling kept none of them)."""
+    base = make_checkpoint(tmp_path / "base", eos_pad_tokenizer)
+    data = qa_text_file(tmp_path / "qa.txt", read_jsonl(QA)[:16])
+    for packing in ("true", "false"):
+        trainer = run("--model_name_or_path", base, "--mode", "causal", "--train_file", data, "--output_dir",
+                      tmp_path / packing, "--packing", packing, max_length=32, max_steps=1,
+                      per_device_train_batch_size=8, save_strategy="no")  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        real = batch["attention_mask"] == 1
+        eos_in_text = (batch["input_ids"] == eos_pad_tokenizer.eos_token_id) & real
+        assert eos_in_text.any() and torch.equal(batch["labels"] == eos_pad_tokenizer.eos_token_id, eos_in_text)
+        assert torch.equal(batch["labels"] == -100, ~real)
 
 
 def test_bad_supervised_input_is_refused_with_a_fix(tokenizer, tmp_path, caplog):

@@ -21,7 +21,8 @@ from test_data import make_corpus, write_txt
 
 from train.args import EXIT_NONFINITE, parse_args
 from train.checkpoints import latest_checkpoint
-from train.pretrain import get_lr, main, training_step
+from train.data import pack_blocks
+from train.pretrain import collate, get_lr, main, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,17 @@ def test_lr_schedule_warms_up_then_decays_by_cosine():
     assert lr(60) == pytest.approx(0.55)  # halfway through the cosine
     assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+
+
+def test_packed_blocks_keep_every_eos_as_a_target():
+    """Pretraining blocks are full (the tail is dropped), so no label is masked, least of all by id: with a
+    tokenizer whose pad token is EOS (a GPT-2-style one given as --tokenizer), every separator stays a target."""
+    from datasets import Dataset
+
+    blocks = Dataset.from_dict(pack_blocks({"input_ids": [[5, 6], [7, 8, 9], [10]]}, block_size=4, eos_id=2))
+    batch = collate(blocks.with_format("numpy"), [0, 1])
+    assert batch["input_ids"].tolist() == [[5, 6, 2, 7], [8, 9, 2, 10]]  # the last document's EOS fell in the tail
+    assert torch.equal(batch["labels"], batch["input_ids"])
 
 
 def _grads_after(k: int, micro_batches: list[dict]) -> dict[str, torch.Tensor]:

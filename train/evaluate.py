@@ -188,7 +188,10 @@ def pair_metrics(model, tokenizer, pairs: list[tuple[str, str]], template: Promp
             )  # (B, T + new)
         seconds += time.perf_counter() - t0
         generated = out[:, T:]
-        new_tokens += int((generated != tokenizer.pad_token_id).sum())
+        # a row's tokens end with its first EOS and generate() pads after it: counted by position, not by pad id,
+        # since a tokenizer without a pad token pads with EOS and the EOS it generated would not count
+        is_eos = generated == tokenizer.eos_token_id
+        new_tokens += int(((is_eos.cumsum(1) - is_eos.long()) == 0).sum())
         predictions += [s.strip() for s in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     references = [a.strip() for _, a in pairs]

@@ -6,7 +6,7 @@ owns what is specific to the data: reading it, the prompt template, the label ma
 Two modes:
   causal      plain text (.txt, one document per blank-line-separated paragraph, or .jsonl with --text_field),
               packed into --max_length blocks (or one padded row per document with --packing false) and trained
-              with DataCollatorForLanguageModeling(mlm=False): every token is a target.
+              with CausalCollator: every token is a target, EOS included; only padding positions are masked.
   supervised  .jsonl pairs. Each row becomes
                   [BOS] prompt_template with {prompt} = row[prompt_field], + separator | row[answer_field] EOS
               with labels -100 on everything left of the bar (and on padding), so only the answer and its EOS
@@ -37,7 +37,7 @@ import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
-    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
     EarlyStoppingCallback,
     HfArgumentParser,
     PreTrainedTokenizerBase,
@@ -211,7 +211,10 @@ def encode_pair(
 
 @dataclass
 class SupervisedCollator:
-    """Right-pads a batch of supervised rows: input_ids with the pad id, labels with -100, attention_mask 0."""
+    """Right-pads a batch of supervised rows: input_ids with the pad id, labels with -100, attention_mask 0.
+
+    Labels are padded by position, so an answer's EOS stays a target even where the pad id is EOS itself.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
@@ -227,6 +230,22 @@ class SupervisedCollator:
             batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * n)
             batch["labels"].append(list(r["labels"]) + [-100] * n)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}  # each (B, T)
+
+
+@dataclass
+class CausalCollator(DataCollatorWithPadding):
+    """Pads a batch of causal rows (transformers' DataCollatorWithPadding) and makes every real token a target:
+    labels are the input ids, -100 where attention_mask is 0.
+
+    Padding is masked by position, not by id. DataCollatorForLanguageModeling masks every label equal to
+    pad_token_id, and a tokenizer without a pad token (every GPT-2-style one) pads with EOS: every EOS, the one that
+    ends a document too, would then be masked, and the model would never learn to stop.
+    """
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__([{"input_ids": r["input_ids"]} for r in rows])  # input_ids, attention_mask (B, T)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
 
 
 class SaveTemplateCallback(TrainerCallback):
@@ -442,12 +461,8 @@ def main(argv: list[str] | None = None) -> Trainer:
             f"--eval_strategy {training_args.eval_strategy} needs held-out data: pass --validation_file or "
             "--validation_split_percentage."
         )
-    if data_args.mode == "causal":
-        if tokenizer.pad_token_id == tokenizer.eos_token_id:
-            logger.warning("The tokenizer pads with its EOS token, so the collator also masks EOS out of the labels.")
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    else:
-        collator = SupervisedCollator(tokenizer.pad_token_id)
+    # both mask padding by position, so EOS stays a target even where the tokenizer pads with it
+    collator = CausalCollator(tokenizer) if data_args.mode == "causal" else SupervisedCollator(tokenizer.pad_token_id)
 
     if model_args.lora:
         model = apply_lora(model, model_args.lora_target_modules, model_args.lora_r, model_args.lora_alpha,
