@@ -10,9 +10,15 @@ four Conv1D weights of each block are transposed. GPT-2's fused `c_attn` already
 
 The MiniGPT folder written is a complete checkpoint: weights, config.json with `auto_map`, the modeling code,
 generation_config.json and the tokenizer when the source has one.
+
+Every checkpoint GPT2LMHeadModel loads converts. A few values GPT2Config lets through (with at most a warning) are
+refused by MiniGPTConfig: special ids outside the vocabulary, a dropout of 1, a LayerNorm epsilon <= 0, an
+initializer_range outside [0, 1]. None of them takes part in the forward as GPT-2 computes it, so they are dropped or
+reset, each with a warning that names it, and the logits stay the same.
 """
 
 import argparse
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +27,8 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedC
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+
+logger = logging.getLogger("hub.convert_gpt2")
 
 # GPT-2 name -> MiniGPT name; "{}" is the layer index. The same table read right to left converts back.
 WEIGHT_MAP = {
@@ -52,6 +60,7 @@ SHARED_CONFIG_FIELDS = (
     "bos_token_id", "eos_token_id", "pad_token_id",
 )  # fmt: skip
 FLOAT_FIELDS = ("layer_norm_epsilon", "embd_pdrop", "attn_pdrop", "resid_pdrop", "initializer_range")
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # What MiniGPT must be set to for GPT2LMHeadModel to compute the same function.
 GPT2_COMPATIBLE = {"position_embedding_type": "learned", "norm_position": "pre", "bias": True}
 # GPT-2 options that MiniGPT cannot express (value MiniGPT needs).
@@ -87,6 +96,7 @@ def _side(reverse: bool) -> str:
 
 
 def config_from_gpt2(gpt2: GPT2Config) -> MiniGPTConfig:
+    """The MiniGPTConfig of a GPT-2 config; a warning names each value that had to be dropped or reset."""
     for name, needed in GPT2_REQUIRED.items():
         if getattr(gpt2, name, needed) != needed:
             raise ValueError(
@@ -96,7 +106,42 @@ def config_from_gpt2(gpt2: GPT2Config) -> MiniGPTConfig:
     fields = {name: getattr(gpt2, name) for name in SHARED_CONFIG_FIELDS}
     for name in FLOAT_FIELDS:  # GPT2Config allows ints (dropout 0); MiniGPTConfig's strict fields want floats
         fields[name] = float(fields[name])
+    # values GPT2LMHeadModel loads (with at most a warning) but MiniGPTConfig refuses; none changes an eval forward
+    changes = _drop_ids_outside_vocabulary(fields, fields["vocab_size"])
+    for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        if not 0 <= fields[name] < 1:  # nn.Dropout takes p=1 (zero every activation), MiniGPTConfig [0, 1)
+            changes.append(f"{name}={fields[name]!r} is outside MiniGPT's [0, 1); set to 0.0 (dropout is off at "
+                           "inference, so the logits are the same; set the dropout you train with)")
+            fields[name] = 0.0
+    eps = fields["layer_norm_epsilon"]
+    if not eps > 0:  # 0 + 1e-12 is lost in any float32 variance that is not 0; a negative epsilon has no equal
+        effect = "the logits are the same" if eps == 0 else "the logits differ by about |epsilon| / variance"
+        changes.append(f"layer_norm_epsilon={eps!r} is not > 0 as MiniGPT needs; set to 1e-12 ({effect})")
+        fields["layer_norm_epsilon"] = 1e-12
+    if not 0 <= fields["initializer_range"] <= 1:
+        changes.append(f"initializer_range={fields['initializer_range']!r} is outside MiniGPT's [0, 1]; set to "
+                       "0.02 (GPT-2's), which only draws freshly initialised weights, none of the converted ones")
+        fields["initializer_range"] = 0.02
+    for change in changes:
+        logger.warning("%s", change)
     return MiniGPTConfig(**fields, **GPT2_COMPATIBLE)
+
+
+def _drop_ids_outside_vocabulary(fields: dict, vocab_size: int, prefix: str = "") -> list[str]:
+    """Set each special id of `fields` outside [0, vocab_size) to None (or drop it from a list of eos ids), in place;
+    returns a sentence for each change. GPT2Config defaults to 50256 for bos and eos, whatever its vocabulary."""
+    changes = []
+    for name in TOKEN_ID_FIELDS:
+        value = fields.get(name)
+        ids = value if isinstance(value, list) else [value]
+        kept = [i for i in ids if i is not None and 0 <= i < vocab_size]
+        kept = (kept or None) if isinstance(value, list) else (kept[0] if kept else None)
+        if kept != value:
+            where = "holds ids outside" if isinstance(value, list) else "is outside"
+            changes.append(f"{prefix}{name}={value!r} {where} the vocabulary of {vocab_size}; dropped (set to "
+                           f"{kept!r})")
+            fields[name] = kept
+    return changes
 
 
 def config_to_gpt2(config: MiniGPTConfig) -> GPT2Config:
@@ -153,7 +198,12 @@ def gpt2_to_minigpt(src: str, dst: str) -> MiniGPTForCausalLM:
     config = config_from_gpt2(GPT2Config.from_pretrained(src))  # refuse before loading any weights
     gpt2 = GPT2LMHeadModel.from_pretrained(src, dtype="auto")
     model = _load_converted(MiniGPTForCausalLM(config), convert_state_dict(gpt2.state_dict(), config.n_layer))
-    model.generation_config = gpt2.generation_config
+    model.generation_config = gpt2.generation_config  # built from the config when the source has none: same ids
+    ids = {name: getattr(model.generation_config, name) for name in TOKEN_ID_FIELDS}
+    for change in _drop_ids_outside_vocabulary(ids, config.vocab_size, prefix="generation_config."):
+        logger.warning("%s", change)
+    for name, value in ids.items():
+        setattr(model.generation_config, name, value)
     model.to(gpt2.dtype).save_pretrained(dst)
     _copy_tokenizer(src, dst)
     return model
@@ -196,6 +246,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("dst", help="folder to write the converted checkpoint to")
     parser.add_argument("--reverse", action="store_true", help="convert MiniGPT -> GPT2LMHeadModel instead")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s")  # the warnings of what the conversion dropped
     convert = minigpt_to_gpt2 if args.reverse else gpt2_to_minigpt
     try:
         model = convert(args.src, args.dst)

@@ -6,6 +6,8 @@ parameter perturbed so that LayerNorm gains and biases are not the trivial 1 and
 """
 
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -84,7 +86,7 @@ def test_converted_folder_is_a_complete_minigpt_checkpoint(converted):
         True,
         True,
     )
-    assert (c.n_inner, c.layer_norm_epsilon) == (128, 1e-5)
+    assert (c.intermediate_size, c.layer_norm_epsilon) == (128, 1e-5)  # n_inner may be None: 4 * n_embd
     assert mini.lm_head.weight.data_ptr() == mini.model.embed_tokens.weight.data_ptr()
 
 
@@ -177,6 +179,66 @@ def test_reverse_refuses_a_config_gpt2_cannot_express(tmp_path, field, value):
     GPT2Config(n_layer=1, n_embd=32, n_head=4).save_pretrained(tmp_path / "g")
     with pytest.raises(ValueError, match=r"'gpt2' checkpoint, not MiniGPT"):
         minigpt_to_gpt2(str(tmp_path / "g"), str(tmp_path / "out"))
+
+
+def test_special_ids_outside_the_vocabulary_are_dropped_with_a_warning(tmp_path):
+    """GPT2Config's bos/eos default to 50256 whatever the vocabulary; GPT2LMHeadModel loads such a checkpoint with a
+    warning, so the converter must too: the ids are dropped, said so, and the logits are GPT-2's."""
+    torch.manual_seed(0)
+    gpt2 = _perturb(GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)), 1)
+    assert (gpt2.config.bos_token_id, gpt2.config.eos_token_id) == (50256, 50256)
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    cmd = [sys.executable, "-m", "hub.convert_gpt2", str(tmp_path / "gpt2"), str(tmp_path / "mini")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("bos_token_id", "eos_token_id"):
+        assert f"{name}=50256 is outside the vocabulary of 97; dropped (set to None)" in run.stderr
+    assert "pad_token_id" not in run.stderr  # None already: nothing to say
+
+    mini = MiniGPTForCausalLM.from_pretrained(tmp_path / "mini").eval()
+    config = json.loads((tmp_path / "mini" / "config.json").read_text())
+    generation = json.loads((tmp_path / "mini" / "generation_config.json").read_text())
+    assert config["bos_token_id"] is config["eos_token_id"] is None
+    assert generation.get("bos_token_id") is generation.get("eos_token_id") is None
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (gpt2(ids).logits - mini(ids).logits).abs().max().item() < ATOL
+
+
+def test_every_gpt2_config_value_minigpt_refuses_is_dropped_or_reset_with_a_warning_both_ways(tmp_path, caplog):
+    """The other values GPT2LMHeadModel loads and MiniGPTConfig refuses: a pad id below 0, eos ids of which one lies
+    outside, dropout 1 (nn.Dropout takes it), a LayerNorm epsilon of 0, initializer_range 5. None changes an eval
+    forward, so the logits match; the way back to GPT-2 keeps the converted values."""
+    torch.manual_seed(0)
+    odd = dict(pad_token_id=-1, eos_token_id=[5, 50256], resid_pdrop=1.0, layer_norm_epsilon=0.0,
+               initializer_range=5.0)  # fmt: skip
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, **odd))
+    gpt2 = _perturb(gpt2, 1)
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    with caplog.at_level(logging.WARNING, logger="hub.convert_gpt2"):
+        main([str(tmp_path / "gpt2"), str(tmp_path / "mini")])
+    for message in (
+        "bos_token_id=50256 is outside the vocabulary of 97; dropped (set to None)",
+        "eos_token_id=[5, 50256] holds ids outside the vocabulary of 97; dropped (set to [5])",
+        "pad_token_id=-1 is outside the vocabulary of 97; dropped (set to None)",
+        "resid_pdrop=1.0 is outside MiniGPT's [0, 1); set to 0.0",
+        "layer_norm_epsilon=0.0 is not > 0 as MiniGPT needs; set to 1e-12 (the logits are the same)",
+        "initializer_range=5.0 is outside MiniGPT's [0, 1]; set to 0.02",
+    ):
+        assert message in caplog.text
+    mini = MiniGPTForCausalLM.from_pretrained(tmp_path / "mini").eval()
+    c = mini.config
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (None, [5], None)
+    assert (c.resid_pdrop, c.layer_norm_epsilon, c.initializer_range) == (0.0, 1e-12, 0.02)
+
+    main([str(tmp_path / "mini"), str(tmp_path / "back"), "--reverse"])
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    assert (back.config.eos_token_id, back.config.layer_norm_epsilon) == ([5], 1e-12)
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = gpt2(ids).logits
+        assert (ref - mini(ids).logits).abs().max().item() < ATOL
+        assert (ref - back(ids).logits).abs().max().item() < ATOL
 
 
 def test_name_table_counts_every_tensor():
