@@ -1,4 +1,4 @@
-"""train/evaluate.py and the project's evaluate metric modules, on MiniGPT and on a random GPT2LMHeadModel."""
+"""train/evaluation.py and the project's evaluate metric modules, on MiniGPT and on a random GPT2LMHeadModel."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from test_finetune import EN_FR, PYTHON, ROOT, make_checkpoint, read_jsonl, subprocess_env
-from train import evaluate as lm_eval
+from train import evaluation as lm_eval
 from train.finetune import PromptTemplate
 from train.metrics import metric_path
 from train.tokenizer import train_tokenizer
@@ -162,8 +162,8 @@ def test_pair_metrics_score_the_generated_answers(folders, decoding):
 
 
 def test_pairs_from_the_command_line_by_path(folders, tmp_path):
-    """`python train/evaluate.py`: train/ comes first on sys.path there and must not shadow the evaluate library."""
-    proc = subprocess.run([PYTHON, str(ROOT / "train" / "evaluate.py"), str(folders["gpt2"]), "--data", str(EN_FR),
+    """`python train/evaluation.py`: train/ comes first on sys.path there and must not shadow the evaluate library."""
+    proc = subprocess.run([PYTHON, str(ROOT / "train" / "evaluation.py"), str(folders["gpt2"]), "--data", str(EN_FR),
                            "--num_beams", "2", "--max_new_tokens", "4", "--batch_size", "50",
                            "--output_json", str(tmp_path / "r.json")],
                           capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300)  # fmt: skip

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from conftest import tiny_config
 from hub_server import hub_env
 from modeling_minigpt import MiniGPTForCausalLM
-from train import evaluate as lm_eval
+from train import evaluation as lm_eval
 from train import finetune
 from train.finetune import CausalCollator, PromptTemplate, SupervisedCollator, encode_pair
 from train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
@@ -469,7 +469,7 @@ def test_finetune_starts_from_a_checkpoint_converted_from_gpt2(tmp_path, tokeniz
 @pytest.mark.slow
 def test_pretrain_then_finetune_lowers_held_out_perplexity(tmp_path):
     """train.pretrain on the default corpus (Shakespeare), then causal fine-tuning on most of the question/answer
-    set: the perplexity of the held-out questions and answers must fall, measured by train/evaluate.py."""
+    set: the perplexity of the held-out questions and answers must fall, measured by train/evaluation.py."""
     rows = read_jsonl(QA)
     train_text, held_out = qa_text_file(tmp_path / "qa_train.txt", rows[:-16]), qa_text_file(
         tmp_path / "qa_held_out.txt", rows[-16:])  # fmt: skip

@@ -9,19 +9,15 @@ checkpoint. It exits 1 if the model does not reach at most half the unigram perp
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-# Run by path, Python puts train/ first on sys.path, where train/evaluate.py would shadow the `evaluate` library.
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import torch  # noqa: E402
+import torch
 
-from train import generate, pretrain  # noqa: E402
-from train.args import parse_args  # noqa: E402
-from train.data import prepare_data, unigram_perplexity  # noqa: E402
+from train import generate, pretrain
+from train.args import parse_args
+from train.data import prepare_data, unigram_perplexity
 
 BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
 

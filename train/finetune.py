@@ -11,7 +11,7 @@ Two modes:
                   [BOS] prompt_template with {prompt} = row[prompt_field], + separator | row[answer_field] EOS
               with labels -100 on everything left of the bar (and on padding), so only the answer and its EOS
               are learned. The template is saved as `prompt_template.json` in the output folder, where
-              train/evaluate.py picks it up.
+              train/evaluation.py picks it up.
 
 Arguments are our three dataclasses below plus transformers.TrainingArguments, parsed by HfArgumentParser from
 the command line, from a YAML/JSON file, or both (`finetune.py config.yaml --learning_rate 1e-4`):
@@ -136,7 +136,7 @@ class ExtraArguments:
 
 @dataclass
 class PromptTemplate:
-    """How a (prompt, answer) pair becomes tokens. Shared with train/evaluate.py, which must build prompts the
+    """How a (prompt, answer) pair becomes tokens. Shared with train/evaluation.py, which must build prompts the
     same way at generation time; `save`/`load` carry it in the checkpoint folder."""
 
     prompt_template: str = "{prompt}"

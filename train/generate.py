@@ -13,15 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-# Run by path (`python train/x.py`, `accelerate launch train/x.py`), Python puts train/ first on sys.path, where
-# train/evaluate.py would shadow the `evaluate` library. The packages are installed, so that entry is not needed.
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
-import modeling_minigpt  # noqa: E402,F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
+import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 

@@ -32,22 +32,18 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-# Run by path (`python train/x.py`, `accelerate launch train/x.py`), Python puts train/ first on sys.path, where
-# train/evaluate.py would shadow the `evaluate` library. The packages are installed, so that entry is not needed.
-if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import GenerationConfig  # noqa: E402
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
+from safetensors import SafetensorError
+from torch.utils.data import DataLoader
+from transformers import GenerationConfig
 
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM  # noqa: E402
-from train.args import EXIT_NONFINITE, TrainArguments, build_config, parse_args  # noqa: E402
-from train.checkpoints import (  # noqa: E402
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from train.args import EXIT_NONFINITE, TrainArguments, build_config, parse_args
+from train.checkpoints import (
     check_state_files,
     install_signal_handlers,
     latest_checkpoint,
@@ -55,7 +51,7 @@ from train.checkpoints import (  # noqa: E402
     restore_signal_handlers,
     save_checkpoint,
 )
-from train.data import DataError, prepare_data  # noqa: E402
+from train.data import DataError, prepare_data
 
 # dense bf16 peak per device, TFLOP/s, for MFU; matched against torch.cuda.get_device_name(); --peak_tflops overrides
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}

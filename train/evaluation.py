@@ -11,8 +11,8 @@ the template that train/finetune.py saved next to the model (prompt_template.jso
 
 Every figure goes through the project's own `evaluate` metric modules (train/metrics/<name>/<name>.py).
 
-    python -m train.evaluate runs/en_fr --data train/examples/en_fr.jsonl
-    python -m train.evaluate runs/finetuned --data held_out.txt --compare runs/pretrain
+    python -m train.evaluation runs/en_fr --data train/examples/en_fr.jsonl
+    python -m train.evaluation runs/finetuned --data held_out.txt --compare runs/pretrain
 """
 
 import argparse
@@ -21,21 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-# Run by path (`python train/evaluate.py`), Python puts train/ first on sys.path, where this very file would
-# shadow the `evaluate` library imported below; drop that entry (the package itself is installed).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import datasets  # noqa: E402
-import evaluate  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+import datasets
+import evaluate
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
-import modeling_minigpt  # noqa: E402,F401  (registers MiniGPT with the Auto classes)
-from train.finetune import PromptTemplate, SupervisedCollator, check_vocab, encode_pair  # noqa: E402
-from train.metrics import metric_path  # noqa: E402
-from train.tokenizer import load_tokenizer  # noqa: E402
+import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from train.finetune import PromptTemplate, SupervisedCollator, check_vocab, encode_pair
+from train.metrics import metric_path
+from train.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
