@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedC
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from train.checkpoints import load_pretrained
 
 logger = logging.getLogger("hub.convert_gpt2")
 
@@ -196,7 +197,7 @@ def gpt2_to_minigpt(src: str, dst: str) -> MiniGPTForCausalLM:
             f"converter reads GPT2LMHeadModel checkpoints only.{hint}"
         )
     config = config_from_gpt2(GPT2Config.from_pretrained(src))  # refuse before loading any weights
-    gpt2 = GPT2LMHeadModel.from_pretrained(src, dtype="auto")
+    gpt2 = load_pretrained(GPT2LMHeadModel, src, dtype="auto")
     model = _load_converted(MiniGPTForCausalLM(config), convert_state_dict(gpt2.state_dict(), config.n_layer))
     model.generation_config = gpt2.generation_config  # built from the config when the source has none: same ids
     ids = {name: getattr(model.generation_config, name) for name in TOKEN_ID_FIELDS}
@@ -219,7 +220,7 @@ def minigpt_to_gpt2(src: str, dst: str) -> GPT2LMHeadModel:
             "--reverse converts MiniGPT checkpoints to GPT-2. Drop --reverse to convert GPT-2 to MiniGPT."
         )
     config = config_to_gpt2(MiniGPTConfig.from_pretrained(src))  # refuse before loading any weights
-    mini = MiniGPTForCausalLM.from_pretrained(src, dtype="auto")
+    mini = load_pretrained(MiniGPTForCausalLM, src, dtype="auto")
     model = _load_converted(GPT2LMHeadModel(config), convert_state_dict(mini.state_dict(), config.n_layer, True))
     model.generation_config = mini.generation_config
     model.to(mini.dtype).save_pretrained(dst)

@@ -17,13 +17,10 @@ accepted (see `accepts_both_cache_names`).
 """
 
 import functools
-import json
 import math
-import os
 from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -288,23 +285,6 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": MiniGPTBlock, "attentions": MiniGPTAttention}
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' loader plus one check: a truncated or corrupted weight file (a save killed halfway, a
-        partial copy, a full disk) fails with an error that names the file; safetensors' own message ("incomplete
-        metadata, file not fully covered") names none."""
-        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if os.path.isdir(folder):
-            for path in _weight_files(folder):
-                check_safetensors_file(path)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        except SafetensorError as err:  # a file that came from the Hub cache
-            raise OSError(
-                f"A weight file of {pretrained_model_name_or_path!r} is truncated or corrupted ({err}); "
-                "download it again with from_pretrained(..., force_download=True)."
-            ) from err
-
     def _init_weights(self, module: nn.Module):
         """GPT-2's init: N(0, initializer_range) for linear and embedding weights, zero biases, unit LayerNorms,
         and the two residual output projections of each block scaled down by 1/sqrt(2 * n_layer), because each
@@ -322,34 +302,6 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-
-
-def _weight_files(folder: str) -> list[str]:
-    """The safetensors files from_pretrained reads in `folder`: model.safetensors, or the shards of its index."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:  # cut short, or not the index format
-            raise OSError(f"{index} is truncated or corrupted ({err!r}); restore it or save the model again.") from err
-    else:
-        names = ["model.safetensors"]
-    return [os.path.join(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
-
-
-def check_safetensors_file(path: str) -> None:
-    """Raise an OSError naming `path` unless it is a complete safetensors file. Reads the header only: safetensors
-    checks there that the tensors it lists cover the file exactly, which a truncated file fails. (A flipped bit
-    inside tensor data goes unseen: the format has no checksum.)"""
-    try:
-        with safe_open(path, framework="pt"):
-            pass
-    except SafetensorError as err:
-        raise OSError(
-            f"{path} is truncated or corrupted ({err}): it is not a complete safetensors file. Restore it from a "
-            "copy or save the model again; from a training run, resume from an earlier checkpoint."
-        ) from err
 
 
 class MiniGPTModel(MiniGPTPreTrainedModel):

@@ -2,8 +2,9 @@
 it, nothing is ever unpickled beyond plain tensors, and CPU training is bit-for-bit reproducible.
 
 A truncated file is what a save killed halfway, a full disk or an interrupted copy leaves behind. safetensors
-refuses it, but its message ("incomplete metadata, file not fully covered") names no file, so
-`MiniGPTPreTrainedModel.from_pretrained` checks each weight file's header first (`check_safetensors_file`).
+refuses it, but its message ("incomplete metadata, file not fully covered") names no file, so the loader every
+script and hub/ use (`train.checkpoints.load_pretrained`) checks each weight file's header first. The model class
+itself stays transformers' own: no from_pretrained override ships inside checkpoints.
 """
 
 import json
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from train.checkpoints import load_pretrained
 from test_remote_code import BLOCK_PACKAGE  # makes `import modeling_minigpt` fail in a child process
 
 CONFIG = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
@@ -55,22 +57,23 @@ def test_a_damaged_weight_file_is_refused_with_an_error_naming_it(tmp_path, dama
     save_tiny(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(DAMAGE[damage](weights.read_bytes()))
-    for load in (MiniGPTForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+    for model_class in (MiniGPTForCausalLM, AutoModelForCausalLM):
         with pytest.raises(OSError, match=re.escape(str(weights)) + ".*truncated or corrupted"):
-            load(tmp_path)
+            load_pretrained(model_class, tmp_path)
 
 
-def test_the_check_travels_with_the_checkpoint_to_trust_remote_code(tmp_path):
-    """Where the package is absent, trust_remote_code loads the modeling file copied into the checkpoint: the check
-    comes along with it."""
+def test_the_check_works_with_trust_remote_code_where_the_package_is_absent(tmp_path):
+    """Where the package is absent, trust_remote_code loads the modeling file copied into the checkpoint; the
+    scripts' loader names the damaged file all the same."""
     save_tiny(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     child = BLOCK_PACKAGE + textwrap.dedent(
         f"""
         from transformers import AutoModelForCausalLM
+        from train.checkpoints import load_pretrained
         try:
-            AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+            load_pretrained(AutoModelForCausalLM, {str(tmp_path)!r}, trust_remote_code=True)
         except OSError as error:
             print("OSError:", error)
         """
@@ -88,14 +91,14 @@ def test_a_damaged_shard_is_named_among_several(tmp_path):
     damaged = tmp_path / shards[-1]
     damaged.write_bytes(damaged.read_bytes()[:100])
     with pytest.raises(OSError, match=re.escape(str(damaged))):
-        MiniGPTForCausalLM.from_pretrained(tmp_path)
+        load_pretrained(MiniGPTForCausalLM, tmp_path)
     # the intact shards load alone: only the damaged one is blamed
     for shard in shards[:-1]:
         assert load_file(tmp_path / shard)
     index_file = tmp_path / "model.safetensors.index.json"
     index_file.write_text(index_file.read_text()[:40])
     with pytest.raises(OSError, match=re.escape(str(index_file)) + ".*truncated or corrupted"):
-        MiniGPTForCausalLM.from_pretrained(tmp_path)
+        load_pretrained(MiniGPTForCausalLM, tmp_path)
 
 
 @pytest.mark.oldest
@@ -112,7 +115,7 @@ def test_a_damaged_file_in_the_hub_cache_names_the_repository(tmp_path):
     weights = snapshot / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])
     with pytest.raises(OSError, match="minigpt-tests/damaged.*truncated or corrupted.*force_download=True"):
-        MiniGPTForCausalLM.from_pretrained("minigpt-tests/damaged")
+        load_pretrained(MiniGPTForCausalLM, "minigpt-tests/damaged")
 
 
 def test_save_pretrained_writes_safetensors_and_no_pickle(tmp_path):

@@ -1,4 +1,5 @@
-"""Checkpoint folders of train/pretrain.py: where they live, how they are written, found, checked and pruned.
+"""Checkpoint folders of train/pretrain.py: where they live, how they are written, found, checked and pruned; and
+`load_pretrained`, which every script and hub/ use to load a model folder with a clear error for a damaged file.
 
     <output_dir>/checkpoints/step-<N>/   accelerate save_state + train_state.json + config, code and tokenizer
     <output_dir>/checkpoints/.tmp-step-<N>/, .old-step-<N>/   an interrupted save's leftovers, removed at the start
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 
 def prepare_checkpoint_root(
@@ -85,7 +86,6 @@ def check_state_files(folder: Path) -> None:
     state without a word (the resume would silently not be exact). Every pickle is read once more here.
     """
     from accelerate.utils import load
-    from safetensors import safe_open
 
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
@@ -106,6 +106,52 @@ def check_state_files(folder: Path) -> None:
                 f"({reason.strip()}). Resume from another checkpoint (--resume <output_dir>/checkpoints/step-N), or "
                 "copy this one again."
             ) from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads in `folder`: model.safetensors, or the shards of its index."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # cut short, or not the index format
+            raise OSError(f"{index} is truncated or corrupted ({err!r}); restore it or save the model again.") from err
+    else:
+        names = ["model.safetensors"]
+    return [folder / name for name in names if (folder / name).is_file()]
+
+
+def check_weight_file(path: Path) -> None:
+    """Raise an OSError naming `path` unless it is a complete safetensors file. Reads the header only: safetensors
+    checks there that the tensors it lists cover the file exactly, which a truncated file fails. (A flipped bit
+    inside tensor data goes unseen: the format has no checksum.)"""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise OSError(
+            f"{path} is truncated or corrupted ({err}): it is not a complete safetensors file. Restore it from a "
+            "copy or save the model again; from a training run, resume from an earlier checkpoint."
+        ) from err
+
+
+def load_pretrained(model_class, name_or_path: str | Path, **kwargs):
+    """`model_class.from_pretrained(name_or_path, **kwargs)` (an Auto class or a model class), with one check first:
+    a truncated or corrupted weight file (a save killed halfway, a partial copy, a full disk) fails with an error
+    that names the file, where safetensors' own ("incomplete metadata, file not fully covered") names none."""
+    folder = Path(name_or_path, kwargs.get("subfolder") or "")
+    if folder.is_dir():
+        for path in weight_files(folder):
+            check_weight_file(path)
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except SafetensorError as err:  # a file from the Hub cache
+        raise OSError(
+            f"A weight file of {str(name_or_path)!r} is truncated or corrupted ({err}); download it again with "
+            "from_pretrained(..., force_download=True)."
+        ) from err
 
 
 def save_checkpoint(

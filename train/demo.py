@@ -12,11 +12,11 @@ import argparse
 import time
 from pathlib import Path
 
-
 import torch
 
 from train import generate, pretrain
 from train.args import parse_args
+from train.checkpoints import load_pretrained
 from train.data import prepare_data, unigram_perplexity
 
 BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(result["output_dir"])
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    model = load_pretrained(AutoModelForCausalLM, out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     _, data_args, _ = parse_args(train_argv)
     data = prepare_data(data_args, log=lambda *_: None)  # the cache the training run wrote: same split, same ids

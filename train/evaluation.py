@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import datasets
 import evaluate
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from train.checkpoints import load_pretrained
 from train.finetune import PromptTemplate, SupervisedCollator, check_vocab, encode_pair
 from train.metrics import metric_path
 from train.tokenizer import load_tokenizer
@@ -42,7 +42,7 @@ def load_model(path: str, tokenizer_path: str | None = None, device: str = "cpu"
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path} is not a folder; pass a checkpoint folder holding config.json.")
     tokenizer = load_tokenizer(tokenizer_path or path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_vocab(tokenizer, model)
     return model.to(device).eval(), tokenizer
 

@@ -48,6 +48,7 @@ from transformers import (
 )
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from train.checkpoints import load_pretrained
 from train.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train.finetune")
@@ -441,8 +442,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/minigpt-en-fr).")
 
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    model = load_pretrained(
+        AutoModelForCausalLM, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
     check_vocab(tokenizer, model)
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length

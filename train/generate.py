@@ -13,11 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
+from train.checkpoints import load_pretrained
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).to(device)
+    model = load_pretrained(AutoModelForCausalLM, args.model, trust_remote_code=args.trust_remote_code).to(device)
     model.eval()
     stream = not args.no_stream and args.strategy != "beam"
     if not args.no_stream and args.strategy == "beam":

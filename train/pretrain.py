@@ -32,7 +32,6 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
