@@ -7,7 +7,6 @@ differ only in their code. Both are created in the same process, on the same dev
 
 import argparse
 import datetime
-import inspect
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt.modeling_minigpt import CACHE_NAME
 
 # The GPT-2 124M shape with the vocabulary padded to a multiple of 64, and a shape that runs in seconds on a CPU.
 SIZES = {
@@ -47,9 +47,9 @@ PEAK_BF16_FLOPS = {
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# transformers 5.24 renamed the cache argument `past_key_values` to `cache` (the old name still works there, with a
-# FutureWarning and some overhead in GPT-2); 5.17 knows only `past_key_values`. MiniGPT accepts both.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+# the KV-cache argument's name in the installed transformers (`cache` from 5.24, `past_key_values` before), which
+# GPT-2 takes without a deprecation warning; MiniGPT takes both
+CACHE_KWARG = CACHE_NAME
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -55,6 +55,8 @@ class MiniGPTConfig(PreTrainedConfig):
         n_inner: inner width of the feed-forward network (`intermediate_size`); `None` (the default) means
             `4 * n_embd`, worked out when read, so that it follows `n_embd` (`hidden_size`) set later.
         activation_function: any name in `transformers.activations.ACT2FN` (relu, gelu, gelu_new, silu, ...).
+            `gelu_new` (GPT-2's tanh approximation of GELU) runs as `gelu_pytorch_tanh`, PyTorch's fused kernel for
+            the same function (equal to 1 ulp), which is faster and keeps one tensor for backward instead of eight.
         position_embedding_type: `learned` (GPT-2), `sinusoidal` (the original Transformer) or `rope` (rotary).
         rope_theta: base of the rotary frequencies, used with `rope` only.
         norm_position: `pre` (GPT-2: LayerNorm before each sub-block, plus a final one) or

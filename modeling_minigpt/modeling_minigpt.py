@@ -39,6 +39,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
+from .chunked_loss import fused_linear_cross_entropy
 from .configuration_minigpt import MiniGPTConfig
 
 logger = logging.get_logger(__name__)
@@ -47,9 +48,9 @@ logger = logging.get_logger(__name__)
 # deprecated, until 5.40); 5.17 to 5.23 know only `past_key_values`. Every forward here takes `cache`, and this one
 # decorator maps the other name onto it: with transformers' own deprecation warning where `cache` is the current
 # name (as its built-in models do), silently where `past_key_values` still is.
-_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-if _CACHE_FIELD == "cache":
+if CACHE_NAME == "cache":
     accepts_both_cache_names = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
 else:
 
@@ -384,7 +385,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
                 hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings, cache=cache, **kwargs
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
     @staticmethod
     def _default_position_ids(attention_mask, B, T, past_length) -> torch.LongTensor:
@@ -396,7 +397,11 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         return (torch.arange(T, device=device) + past_length).unsqueeze(0).expand(B, T)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, B, T, past_length):
-        """Turn the inputs that would crash deep inside a kernel (or silently give garbage) into clear errors."""
+        """Turn the inputs that would crash deep inside a kernel (or silently give garbage) into clear errors.
+
+        Shapes are checked on every call. Values need `.item()`, which waits for the device, so they are checked
+        where the data enters, the prefill (an empty cache), and not on decode steps, whose ids come from the
+        model itself; positions only once the cache could have run past the learned table."""
         if B == 0 or T == 0:
             raise ValueError(f"The input is empty (batch {B}, length {T}); pass at least one token per row.")
         if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape != (B, past_length + T):
@@ -404,7 +409,8 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids needs "
                 f"({B}, {past_length + T}) (batch, cached + new tokens); build both from the same tokenizer call."
             )
-        if input_ids is not None:
+        prefill = past_length == 0
+        if input_ids is not None and prefill:
             low, high = input_ids.min().item(), input_ids.max().item()
             if low < 0 or high >= self.config.vocab_size:
                 bad = high if high >= self.config.vocab_size else low
@@ -413,7 +419,9 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
                     "tokenizer matches the model (len(tokenizer) <= config.vocab_size), or resize the embeddings "
                     "with model.resize_token_embeddings(len(tokenizer))."
                 )
-        if self.config.position_embedding_type == "learned":
+        # positions derived from the mask never exceed past_length + T - 1, so a decode step within the table
+        # needs no look at their values
+        if self.config.position_embedding_type == "learned" and (prefill or past_length + T > self.config.n_positions):
             last = position_ids.max().item()
             if last >= self.config.n_positions:
                 raise ValueError(
@@ -424,83 +432,8 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LM head and loss
+# LM head
 # ---------------------------------------------------------------------------------------------------------------
-
-# Rows of hidden states per loss chunk: chunk x V logits (~64M values: 256 MB in fp32) are all that exist at once.
-_LOSS_CHUNK_ELEMENTS = 2**26
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T`, chunk by chunk, with the gradients worked out in the forward pass
-    (d loss / d logits = softmax - onehot), so that no [N, V] logits, log-probabilities or their gradient are
-    kept for the backward pass; backward only scales the two stored gradients."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, chunk, grad_hidden_needed, grad_weight_needed):
-        # hidden (N, C), weight (V, C), labels (N,) in [0, V), scale (N,): 1 / num_items, 0 where ignored
-        grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
-        grad_weight = None  # (V, C) fp32, started by the first chunk: no zero-filled pass over a weight-sized buffer
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            h, y, s = hidden[start : start + chunk], labels[start : start + chunk], scale[start : start + chunk]
-            logits = h @ weight.t()  # (n, V), in the autocast dtype when autocast is on
-            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (n, V), fp32 for this chunk only
-            rows = torch.arange(y.shape[0], device=y.device)
-            loss = loss - (logprobs[rows, y] * s).sum()
-            if not (grad_hidden_needed or grad_weight_needed):
-                continue
-            grad_logits = logprobs.exp_()
-            grad_logits[rows, y] -= 1
-            grad_logits = grad_logits.to(logits.dtype)  # (n, V), unscaled: s is applied to the small operands
-            if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = (grad_logits @ weight) * s[:, None]
-            if grad_weight_needed:
-                part = grad_logits.t() @ (h * s[:, None]).to(h.dtype)  # (V, C)
-                grad_weight = part.float() if grad_weight is None else grad_weight.add_(part)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_output if grad_hidden is not None else None
-        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None
-
-
-def fused_linear_cross_entropy(
-    hidden_states: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.LongTensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.LongTensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """The causal-LM loss of transformers' `ForCausalLMLoss` on `hidden_states @ weight.T`, with the same value
-    and gradients, without ever holding the full [B, T, V] logits (or their fp32 copy)."""
-    if shift_labels is None:  # tokens < n predict n; the last position has no target
-        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, C)
-    labels = shift_labels.reshape(-1).to(hidden.device)  # (N,)
-    valid = labels != ignore_index
-    num_items = valid.sum() if num_items_in_batch is None else num_items_in_batch
-    if torch.is_tensor(num_items):
-        num_items = num_items.to(hidden.device)
-    scale = valid / num_items  # (N,): the mean over targets, or the sum / num_items_in_batch
-    grad = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(
-        hidden,
-        weight,
-        labels.clamp(min=0) * valid,
-        scale,
-        max(1, _LOSS_CHUNK_ELEMENTS // weight.shape[0]),
-        grad and hidden.requires_grad,
-        grad and weight.requires_grad,
-    )
-
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """MiniGPTModel plus the LM head (tied to the token embeddings unless `tie_word_embeddings=False`)."""
@@ -568,7 +501,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 

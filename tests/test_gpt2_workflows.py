@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hub.convert_gpt2 import config_from_gpt2, convert_state_dict
 from modeling_minigpt import MiniGPTForCausalLM
-from modeling_minigpt.modeling_minigpt import _CACHE_FIELD
+from modeling_minigpt.modeling_minigpt import CACHE_NAME
 
 pytestmark = pytest.mark.oldest
 VOCAB = 120
@@ -108,7 +108,7 @@ def test_gradient_checkpointing_with_use_cache_gives_gpt2s_gradients(attn, use_r
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         out = model(ids, labels=ids, use_cache=True)
         out.loss.backward()
-    assert getattr(out, _CACHE_FIELD) is None  # MiniGPT's output: no half-filled cache handed back
+    assert getattr(out, CACHE_NAME) is None  # MiniGPT's output: no half-filled cache handed back
     grads = dict(mini.named_parameters())
     for mini_name, gpt2_name in GPT2_NAME.items():
         expected = gpt2.get_parameter(gpt2_name).grad

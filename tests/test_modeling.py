@@ -1,6 +1,7 @@
 """The model itself: config validation, forward, loss, outputs, init, loading options and bad input."""
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import tiny_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTModel
-from modeling_minigpt.modeling_minigpt import _CACHE_FIELD
+from modeling_minigpt.modeling_minigpt import CACHE_NAME
 
 pytestmark = pytest.mark.oldest
 
@@ -153,11 +154,11 @@ def test_the_old_cache_name_warns_only_where_transformers_deprecated_it():
         warnings.simplefilter("always")
         out = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
     deprecations = [str(w.message) for w in caught if "`past_key_values` is deprecated" in str(w.message)]
-    if _CACHE_FIELD == "cache":
+    if CACHE_NAME == "cache":
         assert deprecations and all(issubclass(w.category, FutureWarning) for w in caught if "deprecated" in str(w.message))
     else:
         assert not deprecations
-    assert getattr(out, _CACHE_FIELD).get_seq_length() == 6
+    assert getattr(out, CACHE_NAME).get_seq_length() == 6
     with pytest.raises(ValueError, match="cache"):  # two different caches: which one was meant is unknowable
         model(ids, past_key_values=DynamicCache(config=model.config), cache=DynamicCache(config=model.config))
 
@@ -309,3 +310,40 @@ def test_flash_attention_2_matches_sdpa_on_gpu():
     reference = model(ids).logits.float()
     model.set_attn_implementation("flash_attention_2")
     torch.testing.assert_close(model(ids).logits.float(), reference, atol=2e-2, rtol=2e-2)
+
+
+class RecordHostSyncs(torch.overrides.TorchFunctionMode):
+    """Records every tensor-to-Python conversion (each waits for the device to finish) that MiniGPT's own code makes
+    inside the mode; transformers' mask helpers make their own, as they do for GPT-2 and Llama."""
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        caller = sys._getframe(1).f_code.co_filename
+        if func in self.SYNCS and "modeling_minigpt" in caller:
+            self.calls.append(f"{func.__name__} in {caller}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_a_decode_step_makes_no_host_sync_and_the_prefill_still_checks_its_input(pos):
+    """Each .item() on a GPU waits for the device, and at batch 1 that limits decoding speed: the values of the
+    input are checked where it enters (the prefill), shapes on every call."""
+    model = build(position_embedding_type=pos)
+    ids = torch.randint(3, 100, (2, 6))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        prefill = RecordHostSyncs()
+        with prefill:
+            model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        assert prefill.calls  # the vocabulary (and position) checks ran
+        step = RecordHostSyncs()
+        with step:
+            for t in range(3):
+                model(ids[:, :1], attention_mask=torch.ones(2, 7 + t, dtype=torch.long), cache=cache, use_cache=True,
+                      logits_to_keep=1)  # fmt: skip
+    assert step.calls == []

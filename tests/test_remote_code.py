@@ -55,6 +55,7 @@ def test_save_pretrained_writes_auto_map_and_the_code(saved):
     }
     code = (folder / "modeling_minigpt.py").read_text()
     assert "from .configuration_minigpt import" in code  # relative, so the copy imports its sibling
+    assert (folder / "chunked_loss.py").is_file()  # the skip_logits loss, imported relatively, travels too
 
 
 def test_trust_remote_code_load_without_the_package_generates_the_same_tokens(saved):
@@ -72,7 +73,10 @@ def test_trust_remote_code_load_without_the_package_generates_the_same_tokens(sa
             pass
         model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        out = model.generate(torch.tensor([{ids[0].tolist()}]), max_new_tokens=12, do_sample=False)
+        ids = torch.tensor([{ids[0].tolist()}])
+        chunked, full = model(ids, labels=ids, skip_logits=True).loss, model(ids, labels=ids).loss
+        assert torch.allclose(chunked, full, atol=1e-5), (chunked, full)
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
         print(json.dumps(out[0].tolist()))
         """
     )
