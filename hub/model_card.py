@@ -22,10 +22,10 @@ global_step, ...) are understood as well.
 
 import json
 import math
-import struct
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
 
 # Marks a README.md this module wrote (or Trainer's automatic card): `hub.push` may regenerate those, but it keeps
 # a README.md without either marker, since a person wrote it.
@@ -63,13 +63,11 @@ def count_parameters(folder: Path) -> tuple[int, str]:
     A tied LM head is stored once, so the count is the number of distinct parameters."""
     total, dtypes = 0, set()
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))  # the format: 8-byte little-endian header size, JSON header
-            header = json.loads(f.read(length))
-        for name, info in header.items():
-            if name != "__metadata__":
-                total += math.prod(info["shape"])
-                dtypes.add(info["dtype"])
+        with safe_open(path, framework="pt") as f:  # reads the header only
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                total += math.prod(tensor.get_shape())
+                dtypes.add(tensor.get_dtype())
     return total, "/".join(sorted(dtypes)) or "unknown"
 
 

@@ -24,8 +24,11 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
 from hub.model_card import build_model_card, is_generated
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt.configuration_minigpt import AUTO_MAP
 
 # Top-level files that are published, by suffix; anything else (optimizer.pt, training_args.bin, ...) stays local.
 PUSHED_SUFFIXES = (
@@ -41,8 +44,6 @@ PUSHED_SUFFIXES = (
     ".jpeg",
     ".svg",
 )
-# MiniGPT needs these auto_map entries for AutoConfig / AutoModelForCausalLM to find the code with trust_remote_code.
-REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
 DEFAULT_COMMIT_MESSAGE = "Upload MiniGPT checkpoint with hub/push.py"
 
 
@@ -73,28 +74,26 @@ def check_checkpoint(folder: Path) -> dict:
 
 
 def has_remote_code(folder: Path, config: dict) -> bool:
-    """Does config.json map the Auto classes to code files that are present in the folder?"""
+    """Does config.json map every MiniGPT Auto class to code files that are present in the folder, together with
+    the files those import relatively (chunked_loss.py)?"""
     auto_map = config.get("auto_map") or {}
-    if not all(key in auto_map for key in REQUIRED_AUTO_MAP):
+    if not all(key in auto_map for key in AUTO_MAP):
         return False
     modules = {ref.split("--")[-1].split(".")[0] for ref in auto_map.values() if isinstance(ref, str)}
-    return all((folder / f"{module}.py").is_file() for module in modules)
+    files = [folder / f"{module}.py" for module in modules]
+    if not all(path.is_file() for path in files):
+        return False
+    return all(Path(needed).is_file() for path in files for needed in get_relative_import_files(path))
 
 
 def add_remote_code(stage: Path) -> list[str]:
-    """Re-save config.json and the code files into `stage` the way `save_pretrained` does for classes marked with
-    `register_for_auto_class` (importing modeling_minigpt marks them). Returns the files written."""
-    import torch
-    from transformers.dynamic_module_utils import custom_object_save
-
-    from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-
+    """Write config.json with the full auto_map and the code files into `stage`, as `save_pretrained` does for the
+    classes that importing modeling_minigpt marks with `register_for_auto_class`. Returns the files written."""
     config = MiniGPTConfig.from_pretrained(stage)
-    with torch.device("meta"):  # only the class matters: no memory for weights
-        model = MiniGPTForCausalLM(config)
-    written = custom_object_save(model, stage, config=config)  # copies the code, sets auto_map[AutoModelForCausalLM]
-    config.save_pretrained(stage)  # sets auto_map[AutoConfig] and copies configuration_minigpt.py
-    return sorted({"config.json", *(Path(p).name for p in written or []), "configuration_minigpt.py"})
+    config.auto_map = dict(AUTO_MAP)  # an older checkpoint may name only some of the classes
+    written = custom_object_save(MiniGPTForCausalLM, stage)  # modeling_minigpt.py and what it imports relatively
+    config.save_pretrained(stage)  # config.json and configuration_minigpt.py
+    return sorted({"config.json", "configuration_minigpt.py", *(Path(p).name for p in written)})
 
 
 def stage_files(folder: Path, stage: Path) -> tuple[list[str], list[str]]:

@@ -15,6 +15,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from . import modeling_minigpt
 from .configuration_minigpt import MiniGPTConfig
 from .modeling_minigpt import (
     MiniGPTForCausalLM,
@@ -37,12 +38,4 @@ for auto_class, model_class in (
     auto_class.register(MiniGPTConfig, model_class, exist_ok=True)
     model_class.register_for_auto_class(auto_class.__name__)
 
-__all__ = [
-    "MiniGPTConfig",
-    "MiniGPTPreTrainedModel",
-    "MiniGPTModel",
-    "MiniGPTForCausalLM",
-    "MiniGPTForSequenceClassification",
-    "MiniGPTForTokenClassification",
-    "MiniGPTForQuestionAnswering",
-]
+__all__ = ["MiniGPTConfig", *modeling_minigpt.__all__]
