@@ -59,6 +59,10 @@ class MiniGPTConfig(PreTrainedConfig):
             the same function (equal to 1 ulp), which is faster and keeps one tensor for backward instead of eight.
         position_embedding_type: `learned` (GPT-2), `sinusoidal` (the original Transformer) or `rope` (rotary).
         rope_theta: base of the rotary frequencies, used with `rope` only.
+        sinusoidal_scale: factor on the `sinusoidal` encoding. `None` (the default) puts it on the token
+            embeddings' initial scale, `initializer_range * sqrt(2)`; at 1.0 (the paper's encoding, and what
+            checkpoints saved before this field computed) its norm sqrt(n_embd / 2) drowns the embeddings'
+            `initializer_range * sqrt(n_embd)`, and the loss stays at the unigram level for hundreds of steps.
         norm_position: `pre` (GPT-2: LayerNorm before each sub-block, plus a final one) or
             `post` (original Transformer: LayerNorm after each residual sum).
         layer_norm_epsilon: epsilon of every LayerNorm.
@@ -91,6 +95,7 @@ class MiniGPTConfig(PreTrainedConfig):
     activation_function: str = "gelu_new"
     position_embedding_type: str = "learned"
     rope_theta: float | int = 10000.0  # ints are accepted (JSON and YAML write 0 for 0.0) and stored as floats
+    sinusoidal_scale: float | int | None = None
     norm_position: str = "pre"
     layer_norm_epsilon: float | int = 1e-5
     embd_pdrop: float | int = 0.0
@@ -121,6 +126,14 @@ class MiniGPTConfig(PreTrainedConfig):
                 except OverflowError:
                     raise ValueError(f"MiniGPTConfig.{name}={value} is too large for a float.") from None
         self._check()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # a sinusoidal checkpoint saved before `sinusoidal_scale` existed used the encoding at full strength: it
+        # keeps computing exactly what it computed
+        if config_dict.get("position_embedding_type") == "sinusoidal" and "sinusoidal_scale" not in config_dict:
+            config_dict = {**config_dict, "sinusoidal_scale": 1.0}
+        return super().from_dict(config_dict, **kwargs)
 
     def _check(self):
         """Raise a ValueError that names the bad field, its value and what is allowed."""
@@ -170,6 +183,12 @@ class MiniGPTConfig(PreTrainedConfig):
                 raise ValueError(f"MiniGPTConfig.{name} must lie in [0, 1), got {value!r}.")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"MiniGPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}.")
+        if self.sinusoidal_scale is not None and not (
+            isinstance(self.sinusoidal_scale, (int, float)) and math.isfinite(self.sinusoidal_scale)
+        ):
+            raise ValueError(
+                f"MiniGPTConfig.sinusoidal_scale must be a finite number or None, got {self.sinusoidal_scale!r}."
+            )
         if not self.rope_theta > 0:
             raise ValueError(f"MiniGPTConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
         if not 0 <= self.initializer_range <= 1:  # beyond 1 the logits overflow to inf and the loss to NaN

@@ -79,13 +79,20 @@ class MiniGPTLearnedPositions(nn.Embedding):
 
 
 class MiniGPTSinusoidalPositions(nn.Module):
-    """The fixed encoding of 'Attention Is All You Need' (section 3.5):
+    """The fixed encoding of 'Attention Is All You Need' (section 3.5), times a scale:
     PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C)).
-    Computed from the positions on the fly, so it has no parameters and no length limit."""
+    Computed from the positions on the fly, so it has no parameters and no length limit.
+
+    Each (sin, cos) pair has norm 1, so the vector has norm sqrt(C/2), while a token embedding starts at
+    initializer_range * sqrt(C) (0.23 at C=128 against 8.0). The paper scales the embeddings up by sqrt(C); here the
+    encoding is scaled down instead, by `config.sinusoidal_scale` (default initializer_range * sqrt(2): the two
+    start with the same norm), which trained to the learned-position baseline where the other did not."""
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
         self.n_embd = config.n_embd
+        scale = config.sinusoidal_scale
+        self.scale = config.initializer_range * math.sqrt(2) if scale is None else float(scale)
 
     def forward(self, position_ids: torch.LongTensor) -> torch.Tensor:
         # the frequencies are made here in fp32, not kept in a buffer: `model.to(torch.bfloat16)` would round a
@@ -93,7 +100,7 @@ class MiniGPTSinusoidalPositions(nn.Module):
         half = torch.arange(0, self.n_embd, 2, device=position_ids.device, dtype=torch.float) / self.n_embd
         angles = position_ids[..., None].float() / (10000.0**half)  # (B, T, C/2)
         # interleave so that even channels hold sin and odd ones cos, as in the paper
-        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (B, T, C)
+        return self.scale * torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (B, T, C)
 
 
 class MiniGPTRotaryEmbedding(nn.Module):

@@ -1,5 +1,6 @@
 """The model itself: config validation, forward, loss, outputs, init, loading options and bad input."""
 
+import json
 import math
 import sys
 import warnings
@@ -347,3 +348,31 @@ def test_a_decode_step_makes_no_host_sync_and_the_prefill_still_checks_its_input
                 model(ids[:, :1], attention_mask=torch.ones(2, 7 + t, dtype=torch.long), cache=cache, use_cache=True,
                       logits_to_keep=1)  # fmt: skip
     assert step.calls == []
+
+
+def test_the_sinusoidal_encoding_starts_on_the_token_embeddings_scale(tmp_path):
+    """At full strength a (sin, cos) encoding has norm sqrt(C/2) = 8 at C=128, against 0.02 * sqrt(C) = 0.23 for a
+    token embedding, and the tokens are drowned. By default it is scaled to the embeddings' initial norm."""
+    model = build(position_embedding_type="sinusoidal", n_embd=128, n_head=4)
+    encoding = model.model.embed_positions(torch.arange(50)[None])[0]  # (T, C)
+    token_norm = 0.02 * math.sqrt(128)
+    torch.testing.assert_close(encoding.norm(dim=-1), torch.full((50,), token_norm), rtol=1e-5, atol=1e-6)
+    assert model.model.embed_tokens.weight.norm(dim=-1).mean().item() == pytest.approx(token_norm, rel=0.05)
+    model.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).model.embed_positions.scale == model.model.embed_positions.scale
+
+
+def test_a_sinusoidal_checkpoint_saved_before_the_scale_existed_computes_what_it_did(tmp_path):
+    model = build(position_embedding_type="sinusoidal", sinusoidal_scale=1.0)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["sinusoidal_scale"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert old.config.sinusoidal_scale == 1.0
+    encoding = old.model.embed_positions(torch.arange(4)[None])[0]
+    torch.testing.assert_close(encoding[1, :2], torch.tensor([math.sin(1.0), math.cos(1.0)]))  # the paper's values
+    ids = torch.randint(3, 100, (2, 7))
+    torch.testing.assert_close(old(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="sinusoidal_scale"):
+        MiniGPTConfig(sinusoidal_scale=float("nan"))
