@@ -23,6 +23,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from benchmarks import common
+from train.monitoring import count_params, flops_per_token, mfu
 
 ABLATIONS = ["minigpt:logits", "minigpt:gelu_new", "minigpt:vocab50257", "minigpt:mask"]
 
@@ -50,7 +51,7 @@ def prepare(name: str, mode: str, shape: dict, ids: torch.Tensor, args) -> tuple
     device = args.device
     model, kwargs = build_variant(name, shape, device)
     model.train()
-    n_params = common.count_params(model)
+    n_params = count_params(model)
     forward = torch.compile(model) if mode == "compiled" else model
     mask = causal_mask(*ids.shape, device) if name.endswith(":mask") else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
@@ -98,10 +99,10 @@ def measure(names: list[str], mode: str, shape: dict, ids: torch.Tensor, args, p
             continue
         step_s = common.median(times[name])
         tokens_per_s = B * T / step_s
-        flops = common.flops_per_token(n_params[name], shape["n_layer"], shape["n_embd"], T)
+        flops = flops_per_token(n_params[name], shape["n_layer"], shape["n_embd"], T)
         rows.append({
             "model": name, "mode": mode, **tags, "step_ms": 1000 * step_s, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * flops / peak_flops if peak_flops else None,
+            "mfu": mfu(tokens_per_s, flops, peak_flops / 1e12) if peak_flops else None,
             "peak_memory_gib": memory, "n_params": n_params[name], "times_s": times[name],
         })
         print(f"[train] {mode} {name}: {1000 * step_s:.1f} ms/step, {tokens_per_s:,.0f} tokens/s", flush=True)
@@ -112,7 +113,7 @@ def run(args) -> dict:
     shape = common.SIZES[args.size]
     B, T = args.batch_size, args.seq_len
     if T > shape["n_positions"]:
-        raise SystemExit(f"--seq-len {T} exceeds the {args.size} context ({shape['n_positions']}); lower it.")
+        raise SystemExit(f"--seq_len {T} exceeds the {args.size} context ({shape['n_positions']}); lower it.")
     peak_flops, peak_note = common.device_peak_flops(args.device, args.peak_tflops)
     ids = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0)).to(args.device)
     rows = []
@@ -180,8 +181,8 @@ def table(rows: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default: 16 on GPU, 4 on CPU)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the preset's context)")
+    parser.add_argument("--batch_size", type=int, default=None, help="rows per step (default: 16 on GPU, 4 on CPU)")
+    parser.add_argument("--seq_len", type=int, default=None, help="tokens per row (default: the preset's context)")
     parser.add_argument("--modes", default=None, help="eager,compiled (default: both on GPU, eager on CPU)")
     parser.add_argument("--ablations", action="store_true", help="also time MiniGPT with each technique off")
     args = common.resolve_common_args(parser.parse_args(argv))

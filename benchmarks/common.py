@@ -1,4 +1,6 @@
 """What the benchmark scripts share: the size presets, the two models at identical shapes, timing, MFU and output.
+MFU counts FLOPs and looks peaks up exactly as training does: the formula and the peak table live in
+train/monitoring.py.
 
 The reference is transformers' own `GPT2LMHeadModel` with `attn_implementation="sdpa"`, built from a `GPT2Config`
 with exactly MiniGPT's shape (layers, heads, width, context, vocabulary) and the same dropout (none), so the two
@@ -21,28 +23,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from modeling_minigpt.modeling_minigpt import CACHE_NAME
+from train.monitoring import lookup_peak_tflops
 
 # The GPT-2 124M shape with the vocabulary padded to a multiple of 64, and a shape that runs in seconds on a CPU.
 SIZES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50304),
     "small": dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=50304),
-}
-
-# Dense bf16 peak FLOP/s by device name (substring match, first hit wins); --peak-tflops overrides it.
-# CPUs have no entry: their MFU is left out unless a peak is given.
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "GH200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "4090": 165e12,
-    "3090": 71e12,
-    "V100": 125e12,  # fp16 tensor cores; V100 has no bf16
-    "T4": 65e12,  # fp16 tensor cores; T4 has no bf16
 }
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -53,6 +39,8 @@ CACHE_KWARG = CACHE_NAME
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every benchmark takes. From here on, each long flag added to `parser` answers to both spellings."""
+    accept_both_spellings(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
                         help="shape preset (default: small on cpu, gpt2-124m on cuda)")
@@ -63,8 +51,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch CPU threads (default on CPU: 1, which neighbours disturb least; 0: torch's choice)")
     parser.add_argument("--out", default=None, help="directory for the JSON (default: benchmarks/results)")
     parser.add_argument("--tag", default="", help="suffix for the output file name")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak in TFLOP/s, for MFU")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device bf16 peak in TFLOP/s, for MFU")
     return parser
+
+
+def accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Make every long flag added to `parser` from now on answer to both --peak_tflops and --peak-tflops, as the train/
+    scripts (HfArgumentParser) do, so that one spelling, the underscore one, works across the project's CLIs. The
+    other spelling is an alias; argparse names the value after the first one either way (args.peak_tflops)."""
+    add_argument = parser.add_argument
+
+    def add_with_alias(*names, **kwargs):
+        long = [n for n in names if n.startswith("--")]
+        other = ["--" + n[2:].translate(str.maketrans("-_", "_-")) for n in long if "-" in n[2:] or "_" in n[2:]]
+        return add_argument(*names, *[n for n in other if n not in names], **kwargs)
+
+    parser.add_argument = add_with_alias
 
 
 def resolve_common_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -126,33 +128,16 @@ def build_model(name: str, shape: dict, device: str, **overrides) -> torch.nn.Mo
     return model
 
 
-def count_params(model: torch.nn.Module) -> int:
-    """Parameters as nanoGPT counts them for MFU: tied weights once, learned position embeddings left out."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen or name.endswith(("embed_positions.weight", "wpe.weight")):
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 N for the matmuls with weights, 12 L C T for attention
-    (PaLM, appendix B; nanoGPT's estimate_mfu)."""
-    return 6 * n_params + 12 * n_layer * n_embd * seq_len
-
-
 def device_peak_flops(device: str, override_tflops: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, how it was found) from --peak_tflops, else from train.monitoring.PEAK_TFLOPS."""
     if override_tflops:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (given)"
     if device != "cuda":
-        return None, "n/a (no peak for CPUs; pass --peak-tflops)"
-    name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return peak, f"{peak / 1e12:g} TFLOP/s ({key} bf16 dense)"
-    return None, f"n/a (no peak known for {name!r}; pass --peak-tflops)"
+        return None, "n/a (no peak for CPUs; pass --peak_tflops)"
+    tflops, key = lookup_peak_tflops(device)
+    if tflops:
+        return tflops * 1e12, f"{tflops:g} TFLOP/s ({key} bf16 dense)"
+    return None, f"n/a (no peak known for {key!r}; pass --peak_tflops)"
 
 
 # ---------------------------------------------------------------------------------------------------------------

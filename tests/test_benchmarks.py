@@ -28,7 +28,7 @@ def bench(script: str, out: Path, *args: str) -> dict:
 
 
 def test_bench_train_measures_both_models_and_every_ablation(tmp_path):
-    payload = bench("bench_train", tmp_path, "--batch-size", "1", "--seq-len", "32", "--repeats", "1", "--ablations")
+    payload = bench("bench_train", tmp_path, "--batch_size", "1", "--seq_len", "32", "--repeats", "1", "--ablations")
     rows = payload["results"]
     assert not [r for r in rows if "error" in r], rows
     assert {r["model"] for r in rows} == {
@@ -39,7 +39,7 @@ def test_bench_train_measures_both_models_and_every_ablation(tmp_path):
 
 
 def test_bench_generate_runs_every_setting_and_the_fast_loop_matches_generate(tmp_path):
-    args = ["--batches", "1,2", "--prompt-len", "8", "--new-tokens", "6", "--repeats", "1"]
+    args = ["--batches", "1,2", "--prompt_len", "8", "--new_tokens", "6", "--repeats", "1"]
     rows = bench("bench_generate", tmp_path, *args)["results"]
     assert not [r for r in rows if "error" in r], rows
     measured = {(r["model"], r["setting"], r["batch"]) for r in rows}
@@ -63,9 +63,34 @@ def test_bench_scaling_writes_the_plot_and_runs_rope_past_the_learned_positions(
 
 
 @pytest.mark.parametrize("argv, words", [(["--device", "cpu", "--settings", "beam"], ["--settings", "dynamic"]),
-                                         (["--device", "cpu", "--prompt-len", "200", "--new-tokens", "100"],
+                                         (["--device", "cpu", "--prompt_len", "200", "--new_tokens", "100"],
                                           ["exceeds", "lower"])])
 def test_bench_generate_bad_arguments_say_what_to_change(argv, words):
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_generate", *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and all(word in done.stderr for word in words), done.stderr[-2000:]
+
+
+def test_benchmark_flags_take_the_underscore_spelling_of_the_train_scripts_and_the_dashed_one():
+    """`--peak_tflops` as in train.pretrain; the dashed spellings the benchmarks began with keep working."""
+    from benchmarks import bench_generate, bench_train
+
+    for spelling in (["--peak_tflops", "5", "--seq_len", "8", "--batch_size", "2"],
+                     ["--peak-tflops", "5", "--seq-len", "8", "--batch-size", "2"]):  # fmt: skip
+        args = bench_train.parse_args(["--device", "cpu", "--threads", "0", *spelling])
+        assert (args.peak_tflops, args.seq_len, args.batch_size) == (5.0, 8, 2)
+    args = bench_generate.parse_args(["--device", "cpu", "--threads", "0", "--prompt_len", "8", "--new-tokens", "4"])
+    assert (args.prompt_len, args.new_tokens) == (8, 4)
+
+
+def test_benchmarks_count_mfu_with_the_training_formula_and_peak_table():
+    """One copy of each: benchmarks/common.py looks peaks up in train.monitoring; bench_train counts FLOPs with it."""
+    from benchmarks import bench_train, common
+    from train import monitoring
+
+    assert bench_train.flops_per_token is monitoring.flops_per_token
+    assert bench_train.count_params is monitoring.count_params
+    assert not hasattr(common, "PEAK_BF16_FLOPS") and monitoring.PEAK_TFLOPS["H100"] == 989.0
+    assert monitoring.flops_per_token(1000, n_layer=2, n_embd=8, seq_len=16) == 6 * 1000 + 12 * 2 * 8 * 16
+    assert common.device_peak_flops("cpu", 100.0) == (100e12, "100 TFLOP/s (given)")
+    assert common.device_peak_flops("cpu", None)[0] is None

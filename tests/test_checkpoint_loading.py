@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BLOCK_PACKAGE  # makes `import modeling_minigpt` fail in a child process
 from huggingface_hub import constants
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from train.checkpoints import load_pretrained
-from test_remote_code import BLOCK_PACKAGE  # makes `import modeling_minigpt` fail in a child process
 
 CONFIG = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
 

@@ -2,9 +2,9 @@
 
 import json
 import math
-import random
 
 import pytest
+from conftest import make_corpus, write_txt
 
 from train.data import (
     DataArguments,
@@ -16,23 +16,6 @@ from train.data import (
     resolve_data_files,
     unigram_perplexity,
 )
-
-WORDS = "the king queen sword crown night day love war peace hath thou art lord lady doth speak hear".split()
-
-
-def make_corpus(n_docs: int, words_per_doc: int = 40, seed: int = 0) -> list[str]:
-    """Documents of random sentences, each tagged with its index so that a test can find where it went."""
-    rng = random.Random(seed)
-    docs = []
-    for i in range(n_docs):
-        words = [rng.choice(WORDS) for _ in range(words_per_doc)]
-        docs.append(f"doc{i} " + " ".join(words) + ".")
-    return docs
-
-
-def write_txt(path, docs):
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
 
 
 def args_for(tmp_path, data, **overrides) -> DataArguments:

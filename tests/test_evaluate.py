@@ -8,14 +8,13 @@ import evaluate
 import pytest
 import sacrebleu
 import torch
+from finetune_helpers import EN_FR, PYTHON, ROOT, make_checkpoint, read_jsonl, subprocess_env
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from test_finetune import EN_FR, PYTHON, ROOT, make_checkpoint, read_jsonl, subprocess_env
 from train import evaluation as lm_eval
-from train.finetune import PromptTemplate
 from train.metrics import metric_path
+from train.pairs import PromptTemplate
 from train.tokenizer import train_tokenizer
-
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ a rented GPU node breaks a days-long run:
 - 2 ranks, one SIGKILLed, then one hung (SIGSTOP): the other exits with an error by itself within --ddp_timeout,
   and a resume from the last checkpoint continues the same losses.
 
-Subprocesses write their output to files (a full pipe would block them) and run with one intra-op thread.
+Subprocesses write their output to files (a full pipe would block them) and run with one intra-op thread. Injected
+faults and the save delay come from train.args.DebugHooks, switched on through MINIGPT_DEBUG_* environment variables.
 """
 
 import hashlib
@@ -20,7 +21,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,20 +28,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_data import make_corpus, write_txt
-from test_pretrain import fresh_accelerate_state, losses, tiny_args, weights  # noqa: F401  (autouse fixture)
+from conftest import assert_same_weights, debug_env, free_port, losses, read_log, tiny_args, weights
 
 from train.args import EXIT_NONFINITE
 from train.checkpoints import latest_checkpoint
 from train.pretrain import main
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 WAIT_S = 180  # upper bound for any single wait on a subprocess: a timeout means a hang, never a slow machine
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_txt(tmp_path_factory.mktemp("corpus") / "corpus.txt", make_corpus(60))
 
 
 @pytest.fixture
@@ -94,13 +88,6 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def assert_identical_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
-
-
 # ------------------------------------------------------------------------------------------------------ signals
 def test_sigint_and_sigterm_save_exit_0_and_resume_follows_the_uninterrupted_run(corpus, tmp_path, processes):
     """Interrupted twice (SIGINT, then SIGTERM after a resume), the run logs the same losses and ends with the same
@@ -128,7 +115,7 @@ def test_sigint_and_sigterm_save_exit_0_and_resume_follows_the_uninterrupted_run
     resumed, uninterrupted = losses(out), losses(reference)
     assert sorted(resumed) == list(range(1, stops[-1] + 1))
     assert resumed == uninterrupted  # bit-identical on CPU: same seed, same data order, same RNG after each resume
-    assert_identical_weights(ckpts / f"step-{stops[-1]}", reference / "checkpoints" / f"step-{stops[-1]}")
+    assert_same_weights(ckpts / f"step-{stops[-1]}", reference / "checkpoints" / f"step-{stops[-1]}")
 
 
 # ------------------------------------------------------------------------------------------------- SIGKILL
@@ -139,7 +126,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one_and_resume_use
     looks like a checkpoint (it even has train_state.json) but must never be taken for one."""
     out, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
     common = ("--max_steps", 3000, "--save_every", 3, "--seed", 5)
-    proc = launch(processes, tiny_args(corpus, out, *common, "--debug_save_delay", 2), tmp_path / "killed.log")
+    proc = launch(processes, tiny_args(corpus, out, *common), tmp_path / "killed.log", **debug_env(save_delay=2))
     wait_until(lambda: (ckpts / "step-3" / "train_state.json").is_file(), proc, "checkpoint step-3")
     before = digest(ckpts / "step-3")  # complete: it appears by rename only
     partial = ckpts / ".tmp-step-6"
@@ -225,7 +212,7 @@ def test_full_disk_is_reported_retried_and_loses_nothing(corpus, tmp_path, proce
     saved = ckpts / f"step-{stop}"
     assert latest_checkpoint(ckpts) == saved
     assert json.loads((saved / "train_state.json").read_text())["state"]["step"] == stop
-    assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+    assert all(torch.isfinite(t).all() for t in weights(saved).values())
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # no half-written line
     assert records[-1]["step"] == stop
 
@@ -278,8 +265,10 @@ def test_read_only_checkpoint_folder_fails_clearly_and_keeps_the_state_for_a_ret
     for step in (4, 6):
         assert f"could not save the checkpoint of step {step} in {ckpts}" in err
     assert "Read-only file system" in err or "Permission denied" in err
+    assert "GiB free there" in err  # torch's own message for a failed write can be cryptic; the free space is not
     assert "the final checkpoint could not be saved" in str(e.value.code)
     assert max(losses(out)) == 6, "training went on past the failed save"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2"], "no partial folder left"
     assert digest(ckpts / "step-2") == before
 
     # an output folder that cannot be created is refused up front, naming it
@@ -330,12 +319,25 @@ def test_a_diverging_run_stops_with_exit_3_and_keeps_the_last_good_checkpoint(co
         assert_finite_checkpoint(folder)
 
 
-def test_nonfinite_gradients_under_a_finite_loss_stop_or_skip_without_clipping(corpus, tmp_path, capsys):
+def test_a_nan_loss_stops_with_exit_3_a_message_and_the_last_checkpoint(corpus, tmp_path, capsys, debug_hooks):
+    debug_hooks(inject_nonfinite_at_step=5)  # into the loss
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as e:
+        main(tiny_args(corpus, out, "--max_steps", 10, "--save_every", 2))
+    assert e.value.code == EXIT_NONFINITE
+    err = capsys.readouterr().err
+    assert "the loss became nan at step 5" in err and "step-4" in err and "--skip_nonfinite" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert_finite_checkpoint(out / "checkpoints" / "step-4")
+    assert max(losses(out)) == 4  # nothing logged for the bad step
+
+
+def test_nonfinite_gradients_under_a_finite_loss_stop_or_skip_without_clipping(corpus, tmp_path, capsys, debug_hooks):
     """--max_grad_norm 0 turns clipping off, not the check: the norm is still computed, and a NaN gradient behind a
     finite loss stops the run (exit 3) or, with --skip_nonfinite, is skipped like a NaN loss."""
     out, ckpts = tmp_path / "grads", tmp_path / "grads" / "checkpoints"
-    extra = ("--max_steps", 5, "--save_every", 1, "--keep_last", 5, "--max_grad_norm", 0,
-             "--inject_nonfinite_at_step", 3, "--inject_nonfinite_into", "grads")  # fmt: skip
+    debug_hooks(inject_nonfinite_at_step=3, inject_nonfinite_into="grads")
+    extra = ("--max_steps", 5, "--save_every", 1, "--keep_last", 5, "--max_grad_norm", 0)
     with pytest.raises(SystemExit) as e:
         main(tiny_args(corpus, out, *extra))
     assert e.value.code == EXIT_NONFINITE
@@ -343,14 +345,13 @@ def test_nonfinite_gradients_under_a_finite_loss_stop_or_skip_without_clipping(c
     assert f"the gradient norm became nan at step 3; stopping. the last good checkpoint is {ckpts / 'step-2'}." in err
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-1", "step-2"]
     assert_finite_checkpoint(ckpts / "step-2")
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["grad_norm"]) for r in records if "loss" in r), "computed without clipping too"
+    assert all(math.isfinite(r["grad_norm"]) for r in read_log(out) if "loss" in r), "computed without clipping too"
 
     skipped = tmp_path / "grads-skipped"
     assert main(tiny_args(corpus, skipped, *extra, "--skip_nonfinite"))["status"] == "done"
-    log = {r["step"]: r for r in map(json.loads, (skipped / "log.jsonl").read_text().splitlines()) if "loss" in r}
+    log = {r["step"]: r for r in read_log(skipped) if "loss" in r}
     assert math.isfinite(log[3]["loss"]) and math.isnan(log[3]["grad_norm"]) and log[3]["skipped_steps"] == 1
-    assert_identical_weights(skipped / "checkpoints" / "step-2", skipped / "checkpoints" / "step-3")
+    assert_same_weights(skipped / "checkpoints" / "step-2", skipped / "checkpoints" / "step-3")
     assert_finite_checkpoint(skipped / "checkpoints" / "step-5")
 
 
@@ -363,11 +364,11 @@ def test_nonfinite_gradients_under_a_finite_loss_stop_or_skip_without_clipping(c
     ],
 )
 def test_nonfinite_weights_or_optimizer_state_are_never_checkpointed_even_with_skip_nonfinite(
-    corpus, tmp_path, capsys, into, save_every, what
+    corpus, tmp_path, capsys, debug_hooks, into, save_every, what
 ):
     out, ckpts = tmp_path / into, tmp_path / into / "checkpoints"
-    argv = tiny_args(corpus, out, "--max_steps", 3, "--save_every", save_every, "--keep_last", 5, "--skip_nonfinite",
-                     "--inject_nonfinite_at_step", 3, "--inject_nonfinite_into", into)  # fmt: skip
+    debug_hooks(inject_nonfinite_at_step=3, inject_nonfinite_into=into)
+    argv = tiny_args(corpus, out, "--max_steps", 3, "--save_every", save_every, "--keep_last", 5, "--skip_nonfinite")
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == EXIT_NONFINITE  # a poisoned update cannot be skipped after the fact
@@ -381,13 +382,13 @@ def test_nonfinite_weights_or_optimizer_state_are_never_checkpointed_even_with_s
     assert max(losses(out)) == 3  # the step itself looked fine: a finite loss and gradient norm
 
 
-def test_skip_nonfinite_skips_the_update_and_counts_it(corpus, tmp_path):
+def test_skip_nonfinite_skips_the_update_and_counts_it(corpus, tmp_path, debug_hooks):
+    debug_hooks(inject_nonfinite_at_step=3)  # a NaN loss
     out, ckpts = tmp_path / "skip", tmp_path / "skip" / "checkpoints"
-    argv = tiny_args(corpus, out, "--max_steps", 4, "--save_every", 1, "--keep_last", 4, "--skip_nonfinite",
-                     "--inject_nonfinite_at_step", 3)  # fmt: skip
+    argv = tiny_args(corpus, out, "--max_steps", 4, "--save_every", 1, "--keep_last", 4, "--skip_nonfinite")
     assert main(argv)["status"] == "done"
     # the skipped step 3 changed neither the weights nor AdamW's moments and step count; step 4 trained again
-    assert_identical_weights(ckpts / "step-2", ckpts / "step-3")
+    assert_same_weights(ckpts / "step-2", ckpts / "step-3")
     opt = [torch.load(ckpts / f"step-{s}" / "optimizer.bin", weights_only=True)["state"] for s in (2, 3)]
     for key in opt[0]:
         for name in opt[0][key]:
@@ -396,18 +397,13 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(corpus, tmp_path):
     assert any(not torch.equal(w3[name], w4[name]) for name in w3)
     state = json.loads((ckpts / "step-4" / "train_state.json").read_text())["state"]
     assert state["skipped_steps"] == 1
-    log = {r["step"]: r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r}
+    log = {r["step"]: r for r in read_log(out) if "loss" in r}
     assert log[3]["loss"] != log[3]["loss"] and log[3]["skipped_steps"] == 1  # NaN, counted
     assert log[4]["skipped_steps"] == 1 and torch.isfinite(torch.tensor(log[4]["loss"]))
+    assert all(torch.isfinite(t).all() for t in weights(out).values()), "the final model is finite"
 
 
 # ------------------------------------------------------------------------------------------------ 2 processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_ranks(processes: list, argv: list[str], folder: Path, name: str, world: int = 2) -> list:
     """The ranks of one job, started the way torchrun (or srun on a cluster) starts them: one process each, told its
     rank by the environment, with no supervising agent, so that a survivor's fate is its own doing."""

@@ -8,74 +8,33 @@ held-out perplexity of the fine-tuning data (test_pretrain_then_finetune_lowers_
 import json
 import logging
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from finetune_helpers import (
+    EN_FR,
+    PYTHON,
+    QA,
+    ROOT,
+    example_texts,
+    make_checkpoint,
+    qa_text_file,
+    read_jsonl,
+    run,
+    subprocess_env,
+    weights,
+    write_jsonl,
+)
+from hub_server import hub_env
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import tiny_config
-from hub_server import hub_env
-from modeling_minigpt import MiniGPTForCausalLM
 from train import evaluation as lm_eval
 from train import finetune
-from train.finetune import CausalCollator, PromptTemplate, SupervisedCollator, encode_pair
+from train.finetune import CausalCollator
+from train.pairs import PromptTemplate, SupervisedCollator, encode_pair
 from train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "train" / "examples"
-EN_FR = EXAMPLES / "en_fr.jsonl"
-QA = EXAMPLES / "qa.jsonl"
-PYTHON = sys.executable
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def example_texts() -> list[str]:
-    return [v for path in (EN_FR, QA) for row in read_jsonl(path) for v in row.values()]
-
-
-def make_checkpoint(folder: Path, tokenizer=None, seed: int = 0, **config) -> Path:
-    """A tiny MiniGPT with a BPE trained on the example files, saved as a complete checkpoint folder."""
-    tokenizer = tokenizer or train_tokenizer(example_texts(), vocab_size=512, min_frequency=1)
-    torch.manual_seed(seed)
-    fields = dict(vocab_size=len(tokenizer), n_embd=64, n_positions=64)
-    fields.update(config)
-    MiniGPTForCausalLM(tiny_config(**fields)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def qa_text_file(path: Path, rows: list[dict]) -> Path:
-    """The question/answer pairs as plain text, one paragraph each, for causal mode."""
-    path.write_text("\n\n".join(f"Q: {r['question']}\nA: {r['answer']}" for r in rows) + "\n", encoding="utf-8")
-    return path
-
-
-def run(*args, **options) -> "finetune.Trainer":
-    """finetune.main in this process, with the flags every test wants (CPU, quiet, no reporting)."""
-    argv = [str(a) for a in args]
-    defaults = {"--use_cpu": "true", "--report_to": "none", "--disable_tqdm": "true", "--seed": "0"}
-    for key, value in {**defaults, **{f"--{k}": v for k, v in options.items()}}.items():
-        if key not in argv:
-            argv += [key, str(value)]
-    return finetune.main(argv)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
-
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +57,6 @@ def eos_pad_tokenizer(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tokenizer) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("base"), tokenizer)
-
-
-
-def subprocess_env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 # ---------------------------------------------------------------------------------------------------------------

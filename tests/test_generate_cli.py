@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import make_corpus
+from conftest import make_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM

@@ -6,31 +6,21 @@ RNG state to a checkpoint), and the data must be sharded with no block seen twic
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from safetensors.torch import load_file
-from test_data import make_corpus, write_txt
-from test_pretrain import tiny_args
+from conftest import debug_env, free_port, make_corpus, read_log, tiny_args, weights, write_txt
 
 from train.pretrain import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A port nobody listens on now, so that parallel runs don't collide on accelerate's default 29500."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_two_processes_agree_shard_the_data_and_only_rank0_writes(tmp_path):
     corpus = write_txt(tmp_path / "corpus.txt", make_corpus(60))
     out = tmp_path / "ddp"
@@ -41,10 +31,9 @@ def test_two_processes_agree_shard_the_data_and_only_rank0_writes(tmp_path):
         "--main_process_port", str(free_port()),
         str(REPO / "train" / "pretrain.py"),
         *tiny_args(corpus, out, "--max_steps", steps, "--batch_size", batch, "--gradient_accumulation_steps",
-                   accumulation, "--save_every", 5, "--eval_every", 5, "--report_to", "tensorboard",
-                   "--debug_rank_dumps"),
+                   accumulation, "--save_every", 5, "--eval_every", 5, "--report_to", "tensorboard"),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **debug_env(rank_dumps=1)}
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "x 2 processes" in proc.stdout, "the launch did not start 2 ranks"
@@ -58,7 +47,7 @@ def test_two_processes_agree_shard_the_data_and_only_rank0_writes(tmp_path):
     assert len(set(blocks[0])) == per_rank, "a rank saw a block twice"
 
     # one writer: every log line once, one event file, one set of checkpoints with both ranks' RNG states
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = read_log(out)
     assert [r["step"] for r in log if "loss" in r] == list(range(1, steps + 1))
     assert [r["step"] for r in log if "val_loss" in r] == [0, 5, 10]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
@@ -79,24 +68,14 @@ def test_two_processes_agree_shard_the_data_and_only_rank0_writes(tmp_path):
     single = tmp_path / "single"
     argv = tiny_args(corpus, single, "--max_steps", steps, "--batch_size", 2 * batch,
                      "--gradient_accumulation_steps", accumulation, "--save_every", 5, "--eval_every", 5)  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        main(argv)
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    single_log = [json.loads(line) for line in (single / "log.jsonl").read_text().splitlines()]
+    main(argv)  # one intra-op thread: conftest's one_thread
+    single_log = read_log(single)
     for a, b in zip(log, single_log, strict=True):
         assert a.keys() == b.keys() and a["step"] == b["step"]
         for key in ("loss", "val_loss", "grad_norm"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
-    ddp_weights, single_weights = (
-        load_file(str(out / "model.safetensors")),
-        load_file(str(single / "model.safetensors")),
-    )
+    ddp_weights, single_weights = weights(out), weights(single)
     for name, tensor in ddp_weights.items():
         other = single_weights[name]
         if name.endswith("qkv_proj.bias"):  # [q | k | v]: drop k, whose gradient is exactly zero (softmax ignores a

@@ -6,12 +6,12 @@ MiniGPT's linear layers, the names LoRA targets: self_attn.qkv_proj, self_attn.o
 
 import pytest
 import torch
+from conftest import tiny_config
+from finetune_helpers import EN_FR, make_checkpoint, run, weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
 from modeling_minigpt import MiniGPTForCausalLM
-from test_finetune import EN_FR, make_checkpoint, run, weights
 from train.finetune import DEFAULT_LORA_TARGETS, apply_lora
 
 ADAPTED = {f"model.layers.{i}.{name}" for i in range(2)
@@ -45,7 +45,8 @@ def test_adapter_save_reload_and_merge_generate_the_same_tokens(tmp_path):
     # teach the adapter one sequence, so that it changes what the model generates
     torch.manual_seed(0)
     sequence = torch.randint(3, 512, (1, 12))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    # lr 3e-2 made the loss oscillate, so the last step's loss depended on the CPU's rounding; 1e-2 converges
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
     for _ in range(60):

@@ -7,26 +7,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import BLOCK_PACKAGE, tiny_config  # BLOCK_PACKAGE: hides modeling_minigpt from a child
 from transformers import pipeline
 
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from train.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.oldest
-
-# Run first in the child process: any import of modeling_minigpt fails, as on a machine without the package.
-BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class _Absent(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_minigpt" or name.startswith("modeling_minigpt."):
-                raise ImportError(f"{name} is not installed here")
-    sys.meta_path.insert(0, _Absent())
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):

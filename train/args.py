@@ -1,24 +1,29 @@
 """The arguments of train/pretrain.py: the dataclasses, parsing (command line over a YAML/JSON file or preset over
-the defaults) and validation that reports every bad value at once, before any work starts.
+the defaults) and validation that reports every bad value at once, before any work starts; and `read_arguments`,
+which train/finetune.py uses too, so that both scripts read config files the same way.
 
-DataArguments lives with the data pipeline in train/data.py; build_config turns the arguments into a MiniGPTConfig
-(check_args builds one too, so that a bad shape is a usage error, not a crash after the data is tokenized).
+DataArguments lives with the data pipeline in train/data.py; the model's defaults and choices come from
+MiniGPTConfig. build_config turns the arguments into a MiniGPTConfig (check_args builds one too, so that a bad
+shape is a usage error, not a crash after the data is tokenized). DebugHooks are the fault tests' switches, read
+from the environment, never from the command line.
 """
 
 import json
 import math
+import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
 
 from modeling_minigpt import MiniGPTConfig
+from modeling_minigpt.configuration_minigpt import NORM_POSITIONS, POSITION_EMBEDDING_TYPES
 from train.checkpoints import is_checkpoint
 from train.data import DataArguments, DataError, check_data_arguments
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+PRESETS_DIR = Path(__file__).resolve().parent / "configs" / "presets"  # argument presets (accelerate's: ../accelerate)
 EXIT_NONFINITE = 3  # exit status of a run stopped by NaN/inf (here: --skip_nonfinite's help names it)
 
 
@@ -29,24 +34,31 @@ def arg(default, help: str, **metadata):
 
 @dataclass
 class ModelArguments:
-    n_layer: int = arg(12, "Transformer blocks.")
-    n_head: int = arg(12, "Attention heads per block; must divide n_embd.")
-    n_embd: int = arg(768, "Width of the residual stream, in features.")
-    n_inner: int | None = arg(None, "Feed-forward width, in features. Default: 4 * n_embd.")
+    """The model's shape; defaults and choices are MiniGPTConfig's (GPT-2 124M), except n_positions."""
+
+    n_layer: int = arg(MiniGPTConfig.n_layer, "Transformer blocks.")
+    n_head: int = arg(MiniGPTConfig.n_head, "Attention heads per block; must divide n_embd.")
+    n_embd: int = arg(MiniGPTConfig.n_embd, "Width of the residual stream, in features.")
+    n_inner: int | None = arg(MiniGPTConfig.n_inner, "Feed-forward width, in features. Default: 4 * n_embd.")
     n_positions: int | None = arg(None, "Longest sequence the model accepts, in tokens. Default: --block_size.")
     position_embedding_type: str = arg(
-        "learned", "learned | sinusoidal | rope.", choices=["learned", "sinusoidal", "rope"]
+        MiniGPTConfig.position_embedding_type,
+        " | ".join(POSITION_EMBEDDING_TYPES) + ".",
+        choices=list(POSITION_EMBEDDING_TYPES),
     )
-    norm_position: str = arg("pre", "pre | post LayerNorm.", choices=["pre", "post"])
-    activation_function: str = arg("gelu_new", "Any name in transformers' ACT2FN.")
-    dropout: float = arg(0.0, "Dropout on embeddings, attention and residuals, in [0, 1).")
-    bias: bool = arg(True, "Biases in linear layers and LayerNorms (--no_bias to drop them).")
+    norm_position: str = arg(
+        MiniGPTConfig.norm_position, " | ".join(NORM_POSITIONS) + " LayerNorm.", choices=list(NORM_POSITIONS)
+    )
+    activation_function: str = arg(MiniGPTConfig.activation_function, "Any name in transformers' ACT2FN.")
+    dropout: float = arg(MiniGPTConfig.resid_pdrop, "Dropout on embeddings, attention and residuals, in [0, 1).")
+    bias: bool = arg(MiniGPTConfig.bias, "Biases in linear layers and LayerNorms (--no_bias to drop them).")
 
 
 @dataclass
 class TrainArguments:
     config: str | None = arg(
-        None, "YAML/JSON file of arguments, or a preset in train/configs/ (tiny, gpt2-124m); flags override it."
+        None,
+        "YAML/JSON file of arguments, or a preset in train/configs/presets/ (tiny, gpt2-124m); flags override it.",
     )
     output_dir: str = arg("runs/pretrain", "Folder for the final model, checkpoints/ and logs.")
     max_steps: int = arg(1000, "Optimizer steps to train for (the schedule's length).")
@@ -71,7 +83,11 @@ class TrainArguments:
         "gain little from more, and lose much when other processes share the cores.",
     )
     eval_every: int = arg(250, "Optimizer steps between evaluations; 0 = only at the end.")
-    eval_batches: int = arg(0, "Validation batches per evaluation; 0 = the whole split.")
+    eval_batches: int = arg(
+        0,
+        "Validation batches per process in the periodic evaluations, which then read the first ones only (a sample, "
+        "and the log says so); 0 = the whole split. The final evaluation always reads the whole split.",
+    )
     log_every: int = arg(10, "Optimizer steps between log lines.")
     save_every: int = arg(500, "Optimizer steps between checkpoints; 0 = only at the end and on a signal.")
     keep_last: int = arg(3, "Checkpoints to keep in <output_dir>/checkpoints (>= 1).")
@@ -101,59 +117,85 @@ class TrainArguments:
     push_to_hub: bool = arg(False, "After the final save, push output_dir with hub.push.push_folder.")
     hub_model_id: str | None = arg(None, "Hub repo id (user/name) for --push_to_hub.")
     hub_private: bool = arg(False, "Create the Hub repo as private.")
-    inject_nonfinite_at_step: int = arg(
-        0, "For fault-injection tests: make optimizer step N non-finite where --inject_nonfinite_into says."
-    )
-    inject_nonfinite_into: str = arg(
-        "loss",
-        "For fault-injection tests: loss (NaN), grads (a NaN gradient under a finite loss), weights or "
-        "optimizer_state (an inf after the update).",
-        choices=["loss", "grads", "weights", "optimizer_state"],
-    )
-    debug_save_delay: float = arg(
-        0.0,
-        "For fault-injection tests: seconds to sleep after a checkpoint's temporary folder is written and "
-        "before its rename.",
-    )
-    debug_rank_dumps: bool = arg(
-        False,
-        "For tests: each rank writes the ids of the training blocks it consumed and a hash of its final weights "
-        "to <output_dir>/debug/rank<R>.json.",
-    )
 
 
 class UsageError(ValueError):
     """A bad argument combination; the message names it and the fix."""
 
 
-def parse_args(
-    argv: list[str] | None = None, description: str | None = None, epilog: str | None = None
-) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """Command line over an optional --config file over the dataclass defaults; every problem reported at once.
+@dataclass(frozen=True)
+class DebugHooks:
+    """Test hooks for the fault tests, kept off the command line and out of --help. Each comes from an environment
+    variable, MINIGPT_DEBUG_ + the field's name in capitals, read once, by pretrain's setup():
 
-    `description` and `epilog` frame --help; train/pretrain.py passes the parts of its own docstring.
+        MINIGPT_DEBUG_INJECT_NONFINITE_AT_STEP=N  make optimizer step N non-finite (0 = never), where
+        MINIGPT_DEBUG_INJECT_NONFINITE_INTO=...   loss (NaN), grads (a NaN gradient under a finite loss), weights
+                                                  or optimizer_state (an inf after the update) says
+        MINIGPT_DEBUG_SAVE_DELAY=S                sleep S seconds between writing a checkpoint's temporary folder
+                                                  and its rename (a window to SIGKILL the save in)
+        MINIGPT_DEBUG_RANK_DUMPS=1                each rank writes the ids of the training blocks it consumed and a
+                                                  hash of its final weights to <output_dir>/debug/rank<R>.json
     """
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=description, epilog=epilog)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config = _peek_config(argv)
-    if config:
-        values = _load_config(config)
-        known = {f for dc in (ModelArguments, DataArguments, TrainArguments) for f in dc.__dataclass_fields__}
+
+    inject_nonfinite_at_step: int = 0
+    inject_nonfinite_into: str = "loss"
+    save_delay: float = 0.0
+    rank_dumps: bool = False
+
+    INJECT_INTO = ("loss", "grads", "weights", "optimizer_state")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "DebugHooks":
+        """The hooks that `environ` (default: os.environ, read now) switches on; a bad value stops the run."""
+        environ, values, problems = os.environ if environ is None else environ, {}, []
+        for f in fields(cls):
+            name = f"MINIGPT_DEBUG_{f.name.upper()}"
+            raw = environ.get(name)
+            if raw is None:
+                continue
+            try:
+                values[f.name] = value = _BOOLS[raw.lower()] if f.type is bool else f.type(raw)
+            except (KeyError, ValueError):
+                problems.append(f"{name}={raw!r} is not of type {f.type.__name__}.")
+                continue
+            if f.name == "inject_nonfinite_into" and value not in cls.INJECT_INTO:
+                problems.append(f"{name}={raw!r} is not one of {cls.INJECT_INTO}.")
+            elif f.type in (int, float) and not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name}={raw!r} must be a finite number >= 0.")
+        if problems:
+            raise SystemExit("pretrain: error: " + " ".join(problems))
+        return cls(**values)
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
+
+
+class ConfigError(ValueError):
+    """A config file that is not a mapping of known argument names to values."""
+
+
+def read_arguments(parser: HfArgumentParser, argv: list[str], config: str | Path | None = None) -> tuple:
+    """The parser's dataclasses from `argv` over the values of the YAML/JSON file `config` over the defaults: the one
+    way train/pretrain.py and train/finetune.py read a config file.
+
+    The file's values go in as if typed before the command line, so argparse checks their types, choices and lists
+    (parser.set_defaults would not: `max_steps: null` or `data: a.txt` broke deep inside), and the command line
+    wins. null means the default. Raises FileNotFoundError for a missing file, ConfigError for unknown keys, and
+    ValueError for tokens that belong to no flag.
+    """
+    if config is not None:
+        path = Path(config).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        values = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of argument names to values.")
+        known = {f.name for dc in parser.dataclass_types for f in fields(dc)}
         unknown = sorted(set(values) - known)
         if unknown:
-            parser.error(f"unknown keys {unknown} in {config}; valid keys are the --flags of --help.")
-        # as if typed before the command line: argparse checks the types, choices and lists (set_defaults would not,
-        # so `max_steps: null` or `data: a.txt` broke deep inside), and the command line still wins
-        argv = _config_argv(values) + argv
-    try:
-        model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as e:  # stray tokens: HfArgumentParser raises where argparse would report a usage error
-        parser.error(f"{e}; each flag takes one value (--data takes several).")
-    try:
-        check_args(model_args, data_args, train_args)
-    except (UsageError, DataError) as e:
-        parser.error(str(e))
-    return model_args, data_args, train_args
+            raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help.")
+        argv = _config_argv(values) + list(argv)
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _config_argv(values: dict) -> list[str]:
@@ -164,78 +206,67 @@ def _config_argv(values: dict) -> list[str]:
             continue
         if isinstance(value, list):
             tokens += [f"--{key}", *map(str, value)]
-        else:
-            tokens.append(f"--{key}={value}")
+        else:  # a mapping (TrainingArguments' fsdp_config, ...) as the JSON string its flag takes
+            tokens.append(f"--{key}={json.dumps(value) if isinstance(value, dict) else value}")
     return tokens
 
 
-def _peek_config(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
+def parse_args(
+    argv: list[str] | None = None, description: str | None = None, epilog: str | None = None
+) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Command line over an optional --config file or preset over the defaults; every problem reported at once.
+
+    `description` and `epilog` frame --help; train/pretrain.py passes the parts of its own docstring.
+    """
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=description, epilog=epilog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        model_args, data_args, train_args = read_arguments(parser, argv, _config_path(parser, argv))
+    except ConfigError as e:
+        parser.error(str(e))
+    except ValueError as e:  # stray tokens: HfArgumentParser raises where argparse would report a usage error
+        parser.error(f"{e}; each flag takes one value (--data takes several).")
+    try:
+        check_args(model_args, data_args, train_args)
+    except (UsageError, DataError) as e:
+        parser.error(str(e))
+    return model_args, data_args, train_args
 
 
-def _load_config(name: str) -> dict:
-    path = Path(name).expanduser()
-    if not path.is_file():
-        path = CONFIGS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml") if not p.stem.endswith(("_gpu", "fsdp", "node")))
-        raise SystemExit(f"pretrain: error: --config {name!r} is neither a file nor a preset; presets: {presets}.")
-    values = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise SystemExit(f"pretrain: error: {path} must hold a mapping of argument names to values.")
-    return values
+def _config_path(parser: HfArgumentParser, argv: list[str]) -> Path | None:
+    """The file --config names: a path, or a preset's name (train/configs/presets/<name>.yaml)."""
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    name = name or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    if not name:
+        return None
+    for path in (Path(name).expanduser(), PRESETS_DIR / f"{name}.yaml"):
+        if path.is_file():
+            return path
+    presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    parser.error(f"--config {name!r} is neither a file nor a preset; presets: {presets}.")
 
 
 def check_args(model: ModelArguments, data: DataArguments, train: TrainArguments) -> None:
     """Raise UsageError naming every bad value and its fix (litgpt's validate_args)."""
-    problems = []
-    positive = dict(
-        max_steps=train.max_steps,
-        batch_size=train.batch_size,
-        keep_last=train.keep_last,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        log_every=train.log_every,
-        ddp_timeout=train.ddp_timeout,
-    )
-    problems += [f"--{k} must be >= 1, got {v}." for k, v in positive.items() if v < 1]
-    non_negative = dict(
-        cpu_threads=train.cpu_threads,
-        warmup_steps=train.warmup_steps,
-        eval_every=train.eval_every,
-        save_every=train.save_every,
-        eval_batches=train.eval_batches,
-        max_grad_norm=train.max_grad_norm,
-        stop_at_step=train.stop_at_step,
-        debug_save_delay=train.debug_save_delay,
-        weight_decay=train.weight_decay,
-        peak_tflops=train.peak_tflops,
-        inject_nonfinite_at_step=train.inject_nonfinite_at_step,
-    )
-    problems += [f"--{k} must be >= 0, got {v}." for k, v in non_negative.items() if v < 0]
-    problems += _check_more_args(model, train)
+    at_least_1 = ("max_steps", "batch_size", "keep_last", "gradient_accumulation_steps", "log_every", "ddp_timeout")
+    problems = [f"--{k} must be >= 1, got {getattr(train, k)}." for k in at_least_1 if getattr(train, k) < 1]
+    at_least_0 = ("cpu_threads", "warmup_steps", "eval_every", "save_every", "eval_batches", "max_grad_norm",
+                  "stop_at_step", "weight_decay", "peak_tflops")  # fmt: skip
+    problems += [f"--{k} must be >= 0, got {getattr(train, k)}." for k in at_least_0 if getattr(train, k) < 0]
+    # NaN passes every comparison, and inf is no learning rate, decay, norm or peak
+    finite = ("learning_rate", "min_learning_rate", "weight_decay", "max_grad_norm", "peak_tflops")
+    problems += [f"--{k} must be a finite number, got {getattr(train, k)}." for k in finite
+                 if not math.isfinite(getattr(train, k))]  # fmt: skip
+    problems += [f"--{k} must lie in [0, 1), got {getattr(train, k)}." for k in ("adam_beta1", "adam_beta2")
+                 if not 0 <= getattr(train, k) < 1]  # fmt: skip
+    if not 0 <= train.seed < 2**32:
+        problems.append(f"--seed must lie in [0, 2**32) (numpy's seed range), got {train.seed}.")
     if not 0 < train.learning_rate or not 0 <= train.min_learning_rate <= train.learning_rate:
         problems.append(
             f"Need 0 < --learning_rate and 0 <= --min_learning_rate <= --learning_rate, got "
             f"{train.learning_rate} and {train.min_learning_rate}."
         )
-    n_positions = model.n_positions or data.block_size
-    if data.block_size > n_positions:
-        problems.append(
-            f"--block_size {data.block_size} is larger than the model's n_positions {n_positions}: "
-            "lower --block_size or raise --n_positions."
-        )
-    if train.push_to_hub and not train.hub_model_id:
-        problems.append("--push_to_hub needs --hub_model_id user/name.")
-    if train.resume and train.resume != "latest" and not is_checkpoint(Path(train.resume).expanduser()):
-        problems.append(
-            f"--resume {train.resume!r} is not a checkpoint (a step-N folder with train_state.json "
-            f"written by this script). Use --resume latest or a path like <output_dir>/checkpoints/step-500."
-        )
+    problems += _check_model_and_outputs(model, data, train)
     try:
         check_data_arguments(data)
     except DataError as e:
@@ -248,59 +279,47 @@ def check_args(model: ModelArguments, data: DataArguments, train: TrainArguments
         raise UsageError(" ".join(problems))
 
 
-def _check_more_args(model: ModelArguments, train: TrainArguments) -> list[str]:
-    """What the range checks above let through and would fail (or silently misbehave) only later in the run."""
+def _check_model_and_outputs(model: ModelArguments, data: DataArguments, train: TrainArguments) -> list[str]:
+    """What the range checks let through and would fail (or silently misbehave) only later in the run."""
     from accelerate.utils import LoggerType
     from huggingface_hub.utils import validate_repo_id
 
     problems = []
-    floats = dict(
-        learning_rate=train.learning_rate,
-        min_learning_rate=train.min_learning_rate,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        peak_tflops=train.peak_tflops,
-        debug_save_delay=train.debug_save_delay,
-    )  # NaN passes every comparison, and inf is no learning rate, decay, norm or delay
-    problems += [f"--{k} must be a finite number, got {v}." for k, v in floats.items() if not math.isfinite(v)]
-    betas = dict(adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2)
-    problems += [f"--{k} must lie in [0, 1), got {v}." for k, v in betas.items() if not 0 <= v < 1]
-    if not 0 <= train.seed < 2**32:
-        problems.append(f"--seed must lie in [0, 2**32) (numpy's seed range), got {train.seed}.")
     if model.n_positions is not None and model.n_positions < 1:
         problems.append(f"--n_positions must be >= 1, got {model.n_positions}; leave it out to use --block_size.")
+    elif data.block_size > (model.n_positions or data.block_size):
+        problems.append(
+            f"--block_size {data.block_size} is larger than the model's n_positions {model.n_positions}: "
+            "lower --block_size or raise --n_positions."
+        )
     trackers = sorted({t.value for t in LoggerType} | {"none"})
     if train.report_to not in trackers:
         problems.append(f"--report_to {train.report_to!r} is not an accelerate tracker; use one of {trackers}.")
-    if train.push_to_hub and train.hub_model_id:
+    if train.push_to_hub and not train.hub_model_id:
+        problems.append("--push_to_hub needs --hub_model_id user/name.")
+    elif train.push_to_hub:
         try:
             validate_repo_id(train.hub_model_id)
         except ValueError as e:  # HFValidationError; caught now, not after the whole run
             problems.append(f"--hub_model_id {train.hub_model_id!r} is not a Hub repo id ({e}). Use user/name.")
+    if train.resume and train.resume != "latest" and not is_checkpoint(Path(train.resume).expanduser()):
+        problems.append(
+            f"--resume {train.resume!r} is not a checkpoint (a step-N folder with train_state.json "
+            f"written by this script). Use --resume latest or a path like <output_dir>/checkpoints/step-500."
+        )
     return problems
 
 
 def build_config(model: ModelArguments, data: DataArguments, vocab_size: int, tokenizer=None) -> MiniGPTConfig:
-    ids = {}
-    if tokenizer is not None:
-        ids = dict(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    """The MiniGPTConfig of these arguments: ModelArguments' fields are MiniGPTConfig's own, except n_positions
+    (default: the block size) and dropout (one rate for embeddings, attention and residuals)."""
+    shape = {k: v for k, v in asdict(model).items() if k not in ("n_positions", "dropout")}
+    special = ("bos_token_id", "eos_token_id", "pad_token_id")
+    ids = {} if tokenizer is None else {name: getattr(tokenizer, name) for name in special}
     return MiniGPTConfig(
         vocab_size=(vocab_size + 63) // 64 * 64,  # padded to a multiple of 64 for fast matmuls; extra ids unused
         n_positions=model.n_positions or data.block_size,
-        n_embd=model.n_embd,
-        n_layer=model.n_layer,
-        n_head=model.n_head,
-        n_inner=model.n_inner,
-        position_embedding_type=model.position_embedding_type,
-        norm_position=model.norm_position,
-        activation_function=model.activation_function,
-        embd_pdrop=model.dropout,
-        attn_pdrop=model.dropout,
-        resid_pdrop=model.dropout,
-        bias=model.bias,
+        **dict.fromkeys(("embd_pdrop", "attn_pdrop", "resid_pdrop"), model.dropout),
+        **shape,
         **ids,
     )

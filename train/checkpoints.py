@@ -166,10 +166,10 @@ def save_checkpoint(
 ) -> Path | None:
     """Write the full training state to root/.tmp-step-N, then rename it to step-N; keep the last `keep_last`.
 
-    Every process calls this (each saves its RNG state). `train_state` (loop state, arguments, scheduler) goes to
+    Every process calls this (each saves its RNG state). `train_state` (loop state and arguments) goes to
     train_state.json. On an OSError (disk full, read-only folder) the error is printed, the partial folder removed,
     earlier checkpoints left alone, and None returned: training goes on. `save_delay` (seconds before the rename)
-    is for fault-injection tests.
+    is for the fault tests (MINIGPT_DEBUG_SAVE_DELAY, see train.args.DebugHooks).
     """
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     main = accelerator.is_main_process

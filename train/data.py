@@ -174,22 +174,39 @@ def load_documents(files: list[str], text_field: str = "text", text_unit: str = 
         return _read_documents(text_files, json_files, text_field, text_unit, files)
 
 
+def read_rows(
+    files: str | os.PathLike | list[str], text_unit: str = "paragraph", encoding_errors: str | None = None
+) -> "datasets.Dataset":  # noqa: F821
+    """The project's one reader of .txt and .jsonl files (pretraining, fine-tuning, evaluation), through `datasets`.
+
+    The files are of one kind: .jsonl/.json give one row per record, with every field; any other file is plain text
+    and gives a `text` column with one row per `text_unit` (a blank-line separated paragraph, a line, or the whole
+    file: "document"). encoding_errors="replace" decodes bad UTF-8 as U+FFFD; the default refuses it.
+    """
+    import datasets
+
+    files = [str(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]
+    is_json = [f.endswith(JSON_SUFFIXES) for f in files]
+    if any(is_json) and not all(is_json):
+        raise DataError(f"read_rows reads files of one kind at a time, .jsonl or plain text; got {files}.")
+    if not all(is_json):
+        return datasets.load_dataset(
+            "text", data_files=files, sample_by=text_unit, encoding_errors=encoding_errors, split="train"
+        )
+    try:
+        return datasets.load_dataset("json", data_files=files, encoding_errors=encoding_errors, split="train")
+    except Exception as e:  # pyarrow's and datasets' parse errors have no common base class
+        raise DataError(f"Could not parse the JSON Lines files {files}: {e}. Each line must be one JSON object.") from e
+
+
 def _read_documents(text_files, json_files, text_field, text_unit, files) -> "datasets.Dataset":  # noqa: F821
     import datasets
 
     parts = []
     if text_files:
-        ds = datasets.load_dataset(
-            "text", data_files=text_files, sample_by=text_unit, encoding_errors="replace", split="train"
-        )
-        parts.append(ds)
+        parts.append(read_rows(text_files, text_unit, encoding_errors="replace"))
     if json_files:
-        try:
-            ds = datasets.load_dataset("json", data_files=json_files, encoding_errors="replace", split="train")
-        except Exception as e:  # pyarrow's and datasets' parse errors have no common base class
-            raise DataError(
-                f"Could not parse the JSON Lines files {json_files}: {e}. Each line must be one JSON object."
-            ) from e
+        ds = read_rows(json_files, encoding_errors="replace")
         if text_field not in ds.column_names:
             raise DataError(
                 f"The .jsonl records have no field {text_field!r}; their fields are {ds.column_names}. "

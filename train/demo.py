@@ -2,10 +2,11 @@
 
     python -m train.demo [--output_dir runs/demo] [any train.pretrain flag, e.g. --max_steps 200]
 
-It trains (train/configs/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its perplexity on the
-whole validation split next to the unigram perplexity of the same tokenizer on the same split (the best any
-model without context can do), prints a greedy, a top-k and a top-p sample, and points at the loss curve and the
-checkpoint. It exits 1 if the model does not reach at most half the unigram perplexity.
+It trains (train/configs/presets/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its perplexity
+on the whole validation split (train.pretrain.validate, as training does) next to the unigram perplexity of the same
+tokenizer on the same split (the best any model without context can do), prints a greedy, a top-k and a top-p
+sample, and points at the loss curve and the checkpoint. It exits 1 if the model does not reach at most half the
+unigram perplexity.
 """
 
 import argparse
@@ -20,23 +21,6 @@ from train.checkpoints import load_pretrained
 from train.data import prepare_data, unigram_perplexity
 
 BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
-
-
-@torch.no_grad()
-def perplexity(model, blocks, batch_size: int = 64) -> float:
-    """Perplexity over every block of the split, through the project's `evaluate` metric module."""
-    import evaluate
-
-    from train.metrics import metric_path
-
-    metric = evaluate.load(metric_path("perplexity"), keep_in_memory=True)
-    ds = blocks.with_format("torch")
-    for start in range(0, len(ds), batch_size):
-        ids = ds[start : start + batch_size]["input_ids"]  # (B, T)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        n = ids.shape[0] * (ids.shape[1] - 1)  # every token after the first is predicted
-        metric.add(nll=out.loss.item() * n, num_tokens=n)
-    return metric.compute()["perplexity"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(out)
     _, data_args, _ = parse_args(train_argv)
     data = prepare_data(data_args, log=lambda *_: None)  # the cache the training run wrote: same split, same ids
-    model_ppl = perplexity(model, data.validation)
+    model_ppl = pretrain.validate(model, data.validation, batch_size=64)["val_perplexity"]  # every block
     unigram_ppl = unigram_perplexity(data.validation, len(tokenizer))
     ratio = model_ppl / unigram_ppl
     n_params = sum(p.numel() for p in model.parameters())

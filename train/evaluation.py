@@ -21,19 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
-import evaluate
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from train.checkpoints import load_pretrained
-from train.finetune import PromptTemplate, SupervisedCollator, check_vocab, encode_pair
-from train.metrics import metric_path
-from train.tokenizer import load_tokenizer
+from train.data import read_rows
+from train.metrics import load_metric
+from train.pairs import PromptTemplate, SupervisedCollator, encode_pair
+from train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FALLBACK_CONTEXT = 1024  # tokens, for a model and tokenizer that state no context length
 
 
 def load_model(path: str, tokenizer_path: str | None = None, device: str = "cpu", dtype: str = "float32",
@@ -45,10 +45,6 @@ def load_model(path: str, tokenizer_path: str | None = None, device: str = "cpu"
     model = load_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_vocab(tokenizer, model)
     return model.to(device).eval(), tokenizer
-
-
-def context_length(model, tokenizer) -> int:
-    return getattr(model.config, "max_position_embeddings", None) or min(tokenizer.model_max_length, 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,7 +90,7 @@ def text_metrics(model, tokenizer, texts: list[str], max_length: int | None = No
     """Perplexity, next-token accuracy, bits per byte and tokens/s of `texts`, read as one stream:
     [BOS] text_1 [EOS] text_2 ... text_n. The leading BOS (EOS if there is none) lets the first real token be
     scored too, so the scored tokens cover exactly the UTF-8 bytes of the texts (plus the separators)."""
-    max_length = max_length or context_length(model, tokenizer)
+    max_length = max_length or context_length(model, tokenizer) or FALLBACK_CONTEXT
     stride = stride or max(1, max_length // 2)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     stream = [start]
@@ -106,9 +102,9 @@ def text_metrics(model, tokenizer, texts: list[str], max_length: int | None = No
         raise ValueError("The text is empty: there is no token to score.")
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
 
-    ppl = evaluate.load(metric_path("perplexity"))
-    acc = evaluate.load(metric_path("next_token_accuracy"))
-    bpb = evaluate.load(metric_path("bits_per_byte"))
+    ppl = load_metric("perplexity")
+    acc = load_metric("next_token_accuracy")
+    bpb = load_metric("bits_per_byte")
     device = next(model.parameters()).device
     windows = sliding_windows(len(stream), max_length, stride)
     seconds, total_nll = 0.0, 0.0
@@ -149,10 +145,10 @@ def pair_metrics(model, tokenizer, pairs: list[tuple[str, str]], template: Promp
                  max_new_tokens: int = 64, **decoding) -> dict:
     """Teacher-forced answer perplexity and generated-answer exact match / chrF for (prompt, answer) pairs.
     `decoding` goes to `generate` (do_sample, num_beams, temperature, top_k, top_p, ...); greedy by default."""
-    context = context_length(model, tokenizer)
+    context = context_length(model, tokenizer) or FALLBACK_CONTEXT
     device = next(model.parameters()).device
-    ppl = evaluate.load(metric_path("perplexity"))
-    acc = evaluate.load(metric_path("next_token_accuracy"))
+    ppl = load_metric("perplexity")
+    acc = load_metric("next_token_accuracy")
     collate = SupervisedCollator(tokenizer.pad_token_id)
     for i in range(0, len(pairs), batch_size):
         rows = []
@@ -180,7 +176,7 @@ def pair_metrics(model, tokenizer, pairs: list[tuple[str, str]], template: Promp
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=budget,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **decoding,
+                **special_token_ids(tokenizer), **decoding,
             )  # (B, T + new)
         seconds += time.perf_counter() - t0
         generated = out[:, T:]
@@ -191,8 +187,8 @@ def pair_metrics(model, tokenizer, pairs: list[tuple[str, str]], template: Promp
         predictions += [s.strip() for s in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
     references = [a.strip() for _, a in pairs]
-    em = evaluate.load(metric_path("exact_match")).compute(predictions=predictions, references=references)
-    chrf = evaluate.load(metric_path("chrf")).compute(predictions=predictions, references=references)
+    em = load_metric("exact_match").compute(predictions=predictions, references=references)
+    chrf = load_metric("chrf").compute(predictions=predictions, references=references)
     return {
         "answer_perplexity": answer_ppl["perplexity"],
         "answer_next_token_accuracy": answer_acc["next_token_accuracy"],
@@ -216,8 +212,10 @@ def read_data(path: str, mode: str, text_field: str, prompt_field: str, answer_f
     if Path(path).suffix == ".txt":
         if mode == "pairs":
             raise ValueError(f"{path} is plain text; pairs mode needs a .jsonl with prompt and answer fields.")
-        return "text", [Path(path).read_text(encoding="utf-8")]
-    rows = datasets.load_dataset("json", data_files=path, split="train")
+        return "text", list(read_rows(path, text_unit="document")["text"])  # the whole file as one text
+    if Path(path).suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: cannot read a {Path(path).suffix or 'suffix-less'} file; pass a .txt or .jsonl.")
+    rows = read_rows(path)
     has_pairs = prompt_field in rows.column_names and answer_field in rows.column_names
     if mode == "pairs" or (mode == "auto" and has_pairs):
         if not has_pairs:

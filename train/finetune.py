@@ -1,7 +1,8 @@
 """Fine-tune a MiniGPT checkpoint (or any causal LM folder) with transformers' `Trainer`.
 
 Trainer owns the loop, the optimizer, mixed precision, accumulation, evaluation, checkpoints and resume. This file
-owns what is specific to the data: reading it, the prompt template, the label masking and the collator.
+owns what is specific to the data: reading it (train/data.py's reader), tokenizing and collating it. The prompt
+template, the label masking of pairs and their collator are in train/pairs.py, shared with train/evaluation.py.
 
 Two modes:
   causal      plain text (.txt, one document per blank-line-separated paragraph, or .jsonl with --text_field),
@@ -24,12 +25,10 @@ The output folder is a complete checkpoint (weights, config with auto_map and th
 generation config), and so is every intermediate checkpoint-N folder.
 """
 
-import json
 import logging
-import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -40,7 +39,6 @@ from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     HfArgumentParser,
-    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -49,11 +47,13 @@ from transformers import (
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from train.checkpoints import load_pretrained
-from train.tokenizer import load_tokenizer
+from train.data import read_rows
+from train.metrics import load_metric
+from train.pairs import PromptTemplate, SupervisedCollator, encode_pair
+from train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids
 
 logger = logging.getLogger("train.finetune")
 
-TEMPLATE_FILE = "prompt_template.json"
 DEFAULT_LORA_TARGETS = "qkv_proj,o_proj,up_proj,down_proj"
 
 
@@ -131,106 +131,12 @@ class ExtraArguments:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Supervised pairs: the template and the label masking
+# Data: reading, tokenizing and collating (the pair template and its label masking are in train/pairs.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptTemplate:
-    """How a (prompt, answer) pair becomes tokens. Shared with train/evaluation.py, which must build prompts the
-    same way at generation time; `save`/`load` carry it in the checkpoint folder."""
-
-    prompt_template: str = "{prompt}"
-    separator: str = "\n"
-    add_bos: bool = True
-
-    def __post_init__(self):
-        if "{prompt}" not in self.prompt_template:
-            raise ValueError(
-                f"prompt_template={self.prompt_template!r} has no '{{prompt}}' placeholder; write where the prompt "
-                "goes, e.g. --prompt_template 'English: {prompt}'."
-            )
-
-    def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-        text = self.prompt_template.replace("{prompt}", prompt) + self.separator
-        bos = [tokenizer.bos_token_id] if self.add_bos and tokenizer.bos_token_id is not None else []
-        return bos + tokenizer.encode(text, add_special_tokens=False)
-
-    def answer_ids(self, tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
-        return tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
-
-    def save(self, folder: str | os.PathLike):
-        (Path(folder) / TEMPLATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> "PromptTemplate | None":
-        path = Path(folder) / TEMPLATE_FILE
-        return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def template_of(args: DataArguments) -> PromptTemplate:
     return PromptTemplate(args.prompt_template, args.separator, args.add_bos)
-
-
-def encode_pair(
-    tokenizer: PreTrainedTokenizerBase,
-    template: PromptTemplate,
-    prompt,
-    answer,
-    max_length: int,
-    truncation: str = "left",
-    row: int | str = "?",
-) -> tuple[list[int], list[int], bool]:
-    """Token ids and labels of one pair; labels are -100 on the prompt. Returns (input_ids, labels, truncated)."""
-    if not isinstance(prompt, str) or not isinstance(answer, str):
-        raise ValueError(
-            f"Row {row}: prompt and answer must be strings, got {type(prompt).__name__} and "
-            f"{type(answer).__name__}; fix the row or pick other fields with --prompt_field/--answer_field."
-        )
-    if not answer.strip():
-        raise ValueError(f"Row {row}: the answer is empty, so there is nothing to learn; drop the row or fill it in.")
-    prompt_ids = template.prompt_ids(tokenizer, prompt)
-    answer_ids = template.answer_ids(tokenizer, answer)
-    excess = len(prompt_ids) + len(answer_ids) - max_length
-    truncated = excess > 0
-    if truncated:
-        if truncation != "left":
-            raise ValueError(
-                f"Row {row}: prompt ({len(prompt_ids)} tokens) + answer ({len(answer_ids)}) exceed max_length="
-                f"{max_length}. Shorten the row, raise --max_length (up to the model's context), or pass "
-                "--truncation left to drop the start of long prompts."
-            )
-        keep_bos = 1 if template.add_bos and tokenizer.bos_token_id is not None else 0
-        if len(prompt_ids) - keep_bos - excess < 1:
-            raise ValueError(
-                f"Row {row}: the answer alone is {len(answer_ids)} tokens (with EOS) and does not fit in "
-                f"max_length={max_length} with at least one prompt token; shorten the answer or raise --max_length."
-            )
-        prompt_ids = prompt_ids[:keep_bos] + prompt_ids[keep_bos + excess :]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, truncated
-
-
-@dataclass
-class SupervisedCollator:
-    """Right-pads a batch of supervised rows: input_ids with the pad id, labels with -100, attention_mask 0.
-
-    Labels are padded by position, so an answer's EOS stays a target even where the pad id is EOS itself.
-    """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        T = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            T = math.ceil(T / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {"input_ids": [], "attention_mask": [], "labels": []}
-        for r in rows:
-            n = T - len(r["input_ids"])
-            batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * n)
-            batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * n)
-            batch["labels"].append(list(r["labels"]) + [-100] * n)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}  # each (B, T)
 
 
 @dataclass
@@ -261,20 +167,13 @@ class SaveTemplateCallback(TrainerCallback):
             self.template.save(folder)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data loading
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def load_rows(path: str, mode: str) -> datasets.Dataset:
     """Read a data file into a Dataset: .txt -> one row per paragraph in `text`, .jsonl/.json -> one per record."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"Data file {path} does not exist; pass an existing --train_file/--validation_file.")
     suffix = Path(path).suffix
-    if suffix == ".txt" and mode == "causal":
-        return datasets.load_dataset("text", data_files=path, sample_by="paragraph", split="train")
-    if suffix in (".jsonl", ".json"):
-        return datasets.load_dataset("json", data_files=path, split="train")
+    if (suffix == ".txt" and mode == "causal") or suffix in (".jsonl", ".json"):
+        return read_rows(path, text_unit="paragraph")
     wanted = ".txt or .jsonl" if mode == "causal" else ".jsonl with prompt and answer fields"
     raise ValueError(f"{path}: cannot read a {suffix or 'suffix-less'} file in {mode} mode; pass a {wanted} file.")
 
@@ -355,22 +254,8 @@ def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model: loading, vocabulary check, LoRA
+# Model: LoRA
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def check_vocab(tokenizer, model):
-    """A token id past the embedding table crashes deep inside the first forward; say it up front."""
-    vocab_size = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab_size}: they do not belong "
-            "together. Pass the tokenizer the model was trained with (--tokenizer_name_or_path), or start from a "
-            "checkpoint built for this tokenizer."
-        )
-    if vocab_size - len(tokenizer) >= 128:  # padding to a multiple of 64 is normal; more means another tokenizer
-        logger.warning("The model embeds %d ids but the tokenizer has only %d tokens; is it the right tokenizer?",
-                       vocab_size, len(tokenizer))
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -408,21 +293,11 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, ExtraArguments, TrainingArgum
 
 def parse_args(argv: list[str] | None = None):
     """Command line, or a YAML/JSON file as the first argument with command-line overrides after it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = Path(argv.pop(0))
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {path} does not exist.")
-        import yaml  # JSON is a subset of YAML
+    from train.args import read_arguments  # the one way both training scripts read a config file
 
-        values = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for cls in ARGUMENT_CLASSES for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown arguments {unknown}; see `python -m train.finetune --help`.")
-        parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml", ".json")) else None
+    return read_arguments(HfArgumentParser(ARGUMENT_CLASSES), argv, config)
 
 
 def main(argv: list[str] | None = None) -> Trainer:
@@ -446,14 +321,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         AutoModelForCausalLM, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
     check_vocab(tokenizer, model)
-    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    context = context_length(model, tokenizer)
     max_length = data_args.max_length or context
-    if max_length > context:
+    if max_length is None:
+        raise ValueError("Neither the model config nor the tokenizer gives a context length; pass --max_length.")
+    if context is not None and max_length > context:
         raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
     # generate() reads these from generation_config.json: stop at EOS, pad with the tokenizer's pad id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.update(**special_token_ids(tokenizer))
 
     with training_args.main_process_first(desc="tokenizing"):
         train_set, eval_set = build_datasets(data_args, tokenizer, max_length, training_args.seed)
@@ -497,7 +372,9 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     if eval_set is not None:
         metrics = trainer.evaluate()
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
+        # eval_loss is already a mean over tokens: one "token" carrying it gives exp(eval_loss)
+        perplexity = load_metric("perplexity").compute(nll=[metrics["eval_loss"]], num_tokens=[1])
+        metrics["eval_perplexity"] = perplexity["perplexity"]
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

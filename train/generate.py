@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
 from train.checkpoints import load_pretrained
+from train.tokenizer import context_length, special_token_ids
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 
@@ -74,7 +75,7 @@ def generate(model, tokenizer, prompt: str, args: argparse.Namespace, stream: bo
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     if ids.shape[1] == 0:  # a new document: in training, every document followed an EOS
         ids = torch.tensor([[tokenizer.eos_token_id]])
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_length(model)  # the model's own limit; None: it has none
     max_new = args.max_new_tokens
     if limit is not None:
         if ids.shape[1] >= limit:
@@ -97,8 +98,7 @@ def generate(model, tokenizer, prompt: str, args: argparse.Namespace, stream: bo
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new,
         streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **special_token_ids(tokenizer),
         **strategy_kwargs(args),
     )
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -2,12 +2,13 @@
 
     python -m train.pretrain --config tiny                      # CPU demo preset, built-in Shakespeare corpus
     python train/pretrain.py --data my_texts/ --output_dir runs/mine --max_steps 2000
-    accelerate launch --config_file train/configs/multi_gpu.yaml train/pretrain.py --config gpt2-124m --data ...
+    accelerate launch --config_file train/configs/accelerate/multi_gpu.yaml train/pretrain.py --config gpt2-124m ...
 
 Arguments come from the command line, from a YAML/JSON file (`--config FILE`, or a preset name from
-train/configs/), or both: the command line wins. Reading order: setup() (arguments, accelerator, data, model,
-optimizer, resume), fit() (the loop), validate(), then the final save, plot and push. The arguments, their
-parsing and their checks live in train/args.py; the checkpoint folders in train/checkpoints.py.
+train/configs/presets/), or both: the command line wins. Reading order: setup() (arguments, accelerator, data,
+model, optimizer, resume, and the derived numbers, printed), fit() (the loop), take_step() (one optimizer step),
+validate(), then the final save and push. The arguments live in train/args.py, the checkpoint folders in
+train/checkpoints.py, and the log, loss plot and MFU in train/monitoring.py.
 
 Output folder layout:
     <output_dir>/config.json, model.safetensors, tokenizer*, generation_config.json   (the final model)
@@ -20,28 +21,27 @@ loss or gradient norm stops the run (exit 3) unless --skip_nonfinite; weights or
 a checkpoint is written stop it (exit 3) always, so no checkpoint holds them.
 """
 
+import contextlib
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from train.args import EXIT_NONFINITE, TrainArguments, build_config, parse_args
+from modeling_minigpt import MiniGPTForCausalLM
+from train.args import EXIT_NONFINITE, DebugHooks, TrainArguments, build_config, parse_args
 from train.checkpoints import (
     check_state_files,
     install_signal_handlers,
@@ -50,10 +50,8 @@ from train.checkpoints import (
     restore_signal_handlers,
     save_checkpoint,
 )
-from train.data import DataError, prepare_data
-
-# dense bf16 peak per device, TFLOP/s, for MFU; matched against torch.cuda.get_device_name(); --peak_tflops overrides
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+from train.data import DataError, PreparedData, prepare_data
+from train.monitoring import RunLog, count_params, dump_rank, flops_per_token, lookup_peak_tflops, mfu, plot_losses
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -78,23 +76,54 @@ def configure_optimizer(model: torch.nn.Module, args: TrainArguments, device: to
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
 
 
-def flops_per_token(config: MiniGPTConfig, num_params: int) -> float:
-    """6N for the matmuls (forward + backward) plus attention's 12·L·C·T (PaLM appendix B)."""
-    return 6 * num_params + 12 * config.n_layer * config.n_embd * config.n_positions
+@dataclass
+class LoopState:
+    """Where the loop stands; every checkpoint's train_state.json holds it and a resume starts from it. `step` is the
+    one step counter: the learning rate, logging, evaluation, saving and stopping all read it."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    samples_in_epoch: int = 0  # blocks of this epoch already trained on, all processes together
+    skipped_steps: int = 0  # non-finite steps skipped under --skip_nonfinite
+    tokens_seen: int = 0
 
 
-def setup(argv: list[str] | None = None) -> dict:
-    """Parse arguments, then build everything fit() needs: accelerator, data, model, optimizer, resume state."""
+@dataclass
+class Run:
+    """What setup() builds for fit(): the prepared objects, the arguments and the numbers derived from them."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: PreparedData
+    args: TrainArguments
+    saved_args: dict  # {"model": ..., "data": ..., "train": ...}, as every checkpoint records them
+    out: Path
+    ckpt_root: Path
+    state: LoopState
+    log: RunLog
+    debug: DebugHooks
+    blocks_per_step: int  # sequences per optimizer step, all processes together
+    tokens_per_step: int
+    steps_per_epoch: int
+    flops_per_token: float  # at the trained sequence length (--block_size), for MFU
+    peak_tflops: float  # of one device; 0 = unknown, no MFU
+
+
+def setup(argv: list[str] | None = None) -> Run:
+    """Parse arguments, then build everything fit() needs: accelerator, data, model, optimizer, resume state and the
+    derived numbers, which it prints before the first step."""
     help_text = dict(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Faults:") :])
     model_args, data_args, args = parse_args(argv, **help_text)
+    debug = DebugHooks.from_env()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    k = args.gradient_accumulation_steps
     accelerator = Accelerator(
         cpu=args.cpu or not _has_accelerator(),  # where there is none, cpu=True makes a multi-process launch gloo ranks
         mixed_precision=args.mixed_precision,
-        # our windows are always k micro-batches, so accelerate syncs on its step count, never on the data's end
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False),
+        # accelerate's own accumulation stays at 1 (its step counter never decides a sync): training_step() owns the
+        # window of --gradient_accumulation_steps micro-batches
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=args.output_dir,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.compile else None,
@@ -111,8 +140,7 @@ def setup(argv: list[str] | None = None) -> dict:
             data = prepare_data(data_args, log=accelerator.print)
         except DataError as e:
             raise SystemExit(f"pretrain: error: {e}") from None
-    tokenizer = data.tokenizer
-    config = build_config(model_args, data_args, vocab_size=len(tokenizer), tokenizer=tokenizer)
+    config = build_config(model_args, data_args, vocab_size=len(data.tokenizer), tokenizer=data.tokenizer)
     model = MiniGPTForCausalLM(config)
     # sampling defaults travel with every checkpoint; transformers 5 refuses them in config.json
     model.generation_config = GenerationConfig(
@@ -122,54 +150,47 @@ def setup(argv: list[str] | None = None) -> dict:
         top_p=0.95,
         max_new_tokens=256,
         repetition_penalty=1.1,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=data.tokenizer.bos_token_id,
+        eos_token_id=data.tokenizer.eos_token_id,
+        pad_token_id=data.tokenizer.pad_token_id,
     )
     optimizer = configure_optimizer(model, args, accelerator.device)
-    lr_at = partial(
-        get_lr,
-        max_lr=args.learning_rate,
-        min_lr=args.min_learning_rate,
-        warmup_steps=args.warmup_steps,
-        max_steps=args.max_steps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s) / args.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Neither prepare()d (accelerate would step it once per process under DDP) nor register_for_checkpointing()ed
-    # (accelerate unpickles those with weights_only=False, so a doctored checkpoint could run code): its state is
-    # plain numbers, kept in train_state.json.
 
-    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "skipped_steps": 0, "tokens_seen": 0}
-    run_args = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args)}
+    state = LoopState()
+    saved_args = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args)}
     if resume_from is not None:
         saved = json.loads((resume_from / "train_state.json").read_text())
-        check_resume_compatible(saved["args"], run_args, resume_from)
+        check_resume_compatible(saved["args"], saved_args, resume_from)
         check_state_files(resume_from)
         accelerator.load_state(str(resume_from))
-        scheduler.load_state_dict(saved["scheduler"])
-        accelerator.step = 0  # windows start at a boundary, whatever the old run's accumulation steps were
-        state.update(saved["state"])
+        state = LoopState(**saved["state"])  # the LR is get_lr(step): an older file's "scheduler" entry goes unread
         accelerator.print(
-            f"Resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, "
-            f"{state['samples_in_epoch']} blocks into it)."
+            f"Resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
+            f"{state.samples_in_epoch} blocks into it)."
         )
-    return dict(
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        data=data,
-        tokenizer=tokenizer,
-        args=args,
-        model_args=model_args,
-        data_args=data_args,
-        run_args=run_args,
-        state=state,
-        out=out,
-        ckpt_root=ckpt_root,
-        resumed=resume_from is not None,
-    )
+
+    blocks_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    if len(data.train) < blocks_per_step:
+        raise SystemExit(
+            f"pretrain: error: the training split has {len(data.train)} blocks, fewer than one optimizer step "
+            f"needs (batch_size {args.batch_size} x accumulation {args.gradient_accumulation_steps} x processes "
+            f"{accelerator.num_processes} = {blocks_per_step}). Lower --batch_size or --gradient_accumulation_steps, "
+            "or add data."
+        )
+    n_params = count_params(accelerator.unwrap_model(model))
+    run = Run(
+        accelerator, model, optimizer, data, args, saved_args, out, ckpt_root, state,
+        log=RunLog(accelerator, out, args.report_to),
+        debug=debug,
+        blocks_per_step=blocks_per_step,
+        tokens_per_step=blocks_per_step * data_args.block_size,
+        steps_per_epoch=len(data.train) // blocks_per_step,
+        flops_per_token=flops_per_token(n_params, config.n_layer, config.n_embd, data_args.block_size),
+        peak_tflops=args.peak_tflops or lookup_peak_tflops(accelerator.device)[0],
+    )  # fmt: skip
+    print_summary(run, data_args.block_size)
+    return run
 
 
 def check_resume_compatible(saved: dict, now: dict, path: Path) -> None:
@@ -187,7 +208,187 @@ def check_resume_compatible(saved: dict, now: dict, path: Path) -> None:
         )
 
 
+def print_summary(run: Run, block_size: int) -> None:
+    """Every derived number, before the first step: model and FLOPs, data, batch, schedule, device."""
+    a, info, print0 = run.args, run.data.info, run.accelerator.print
+    model = run.accelerator.unwrap_model(run.model)
+    config, num_params = model.config, sum(p.numel() for p in model.parameters())
+    k, world = a.gradient_accumulation_steps, run.accelerator.num_processes
+    total_tokens, n_val = a.max_steps * run.tokens_per_step, len(run.data.validation)
+    sampled = min(n_val, a.eval_batches * a.batch_size * world) if a.eval_batches else n_val
+    peak = f"MFU against {run.peak_tflops:g} TFLOP/s per device" if run.peak_tflops else "no MFU (--peak_tflops)"
+    print0(
+        f"model: {num_params / 1e6:.2f}M parameters, n_layer={config.n_layer} n_embd={config.n_embd} "
+        f"n_head={config.n_head} vocab={config.vocab_size} positions={config.position_embedding_type}, "
+        f"{run.flops_per_token / 1e6:.1f} MFLOP/token at {block_size} tokens; {peak}"
+    )
+    print0(
+        f"data: {len(run.data.train):,} train blocks ({info['tokens']['train']:,} tokens), {n_val:,} "
+        f"validation blocks of {block_size} tokens; tokenizer vocabulary {len(run.data.tokenizer)}; "
+        f"validation unigram perplexity {info['unigram_perplexity_validation']:.1f} (the bar to beat)"
+    )
+    print0(
+        f"batch: {a.batch_size} sequences x {block_size} tokens x {k} accumulation x {world} processes = "
+        f"{run.tokens_per_step:,} tokens per step; {run.steps_per_epoch} steps per epoch"
+    )
+    print0(
+        f"schedule: {a.max_steps} steps = {total_tokens / 1e6:.2f}M tokens ({a.max_steps / run.steps_per_epoch:.2f} "
+        f"epochs, {total_tokens / num_params:.1f} tokens/parameter); warmup {a.warmup_steps}, cosine "
+        f"{a.learning_rate:g} -> {a.min_learning_rate:g}; evaluation every {a.eval_every or a.max_steps} steps on the "
+        f"first {sampled} of the {n_val} validation blocks, the final one on all; device {run.accelerator.device}, "
+        f"mixed precision {run.accelerator.mixed_precision}"
+    )
+
+
 # --------------------------------------------------------------------------------------------------- the loop
+def fit(run: Run) -> dict:
+    """Train from run.state.step to max_steps, stop_at_step or a signal, evaluating, logging and saving on the way.
+
+    Returns {"status": "done" | "stopped", "steps_run", "train_time_s"} and, when done, the final evaluation's
+    val_loss, val_perplexity and val_blocks (every block of the validation split).
+    """
+    a, state, accelerator = run.args, run.state, run.accelerator
+    run.log.start(keep_up_to_step=state.step or -1, hparams=run.saved_args)  # a resume drops the crashed run's tail
+    stop = install_signal_handlers()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=a.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train",
+        unit="step", dynamic_ncols=True,
+    )  # fmt: skip
+    run.log.bar = bar
+    if state.step == 0 and a.eval_every:
+        evaluate(run, whole_split=False)
+    batches, consumed = step_batches(run), []
+    status, last_saved, steps_run, train_time = "done", None, 0, 0.0
+    window_steps, window_time = 0, 0.0  # since the last log line, for tokens/s: training time only, no eval or save
+    try:
+        while state.step < a.max_steps:
+            t0 = time.perf_counter()
+            micro_batches = next(batches)
+            if run.debug.rank_dumps:
+                consumed += [i for b in micro_batches for i in b["block_ids"].tolist()]
+            stats, signalled = take_step(run, micro_batches, stop)
+            seconds = time.perf_counter() - t0
+            steps_run, train_time, window_steps, window_time = (
+                steps_run + 1, train_time + seconds, window_steps + 1, window_time + seconds
+            )  # fmt: skip
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
+
+            step = state.step
+            if step % a.log_every == 0 or step == a.max_steps:
+                tokens_per_s = window_steps * run.tokens_per_step / window_time
+                record = {"step": step, **stats, "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen,
+                          "skipped_steps": state.skipped_steps}  # fmt: skip
+                if run.peak_tflops:
+                    record["mfu"] = mfu(tokens_per_s, run.flops_per_token, run.peak_tflops, accelerator.num_processes)
+                run.log.write(record)
+                window_steps, window_time = 0, 0.0
+            if a.eval_every and step % a.eval_every == 0 and step < a.max_steps:
+                evaluate(run, whole_split=False)
+            if signalled or step == a.stop_at_step or (a.save_every and step % a.save_every == 0):
+                last_saved = save(run) or last_saved
+            if signalled or step == a.stop_at_step:
+                why = (
+                    f"signal {signal.Signals(stop['signal']).name}" if stop["signal"]
+                    else "a signal to another process" if signalled
+                    else f"--stop_at_step {a.stop_at_step}"
+                )  # fmt: skip
+                accelerator.print(
+                    f"Stopped at step {step} on {why}; last checkpoint {last_saved}. Continue with --resume latest."
+                )
+                status = "stopped"
+                break
+    finally:
+        bar.close()
+        run.log.bar = None
+        restore_signal_handlers(stop)
+    final_eval = {}
+    if status == "done":
+        final_eval = evaluate(run, whole_split=True)  # the figure the README and the model card quote
+        if last_saved is None or last_saved.name != f"step-{state.step}":
+            last_saved = save(run)
+        if last_saved is None:
+            raise SystemExit(
+                f"pretrain: error: the final checkpoint could not be saved in {run.ckpt_root} (see the error above)."
+            )
+    if run.debug.rank_dumps:
+        dump_rank(accelerator, run.model, run.out, consumed)
+    return {"status": status, "steps_run": steps_run, "train_time_s": train_time, **final_eval}
+
+
+def take_step(run: Run, micro_batches: list[dict], stop: dict) -> tuple[dict, bool]:
+    """Optimizer step run.state.step + 1: set the LR from get_lr, forward/backward the micro-batches, check for
+    NaN/inf, clip, then update (or skip, under --skip_nonfinite). Returns ({"loss", "lr", "grad_norm"}, whether any
+    process got a signal)."""
+    a, state, model, optimizer, accelerator = run.args, run.state, run.model, run.optimizer, run.accelerator
+    lr = get_lr(state.step, a.learning_rate, a.min_learning_rate, a.warmup_steps, a.max_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    debug = run.debug
+    inject = debug.inject_nonfinite_into if debug.inject_nonfinite_at_step == state.step + 1 else None
+    loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
+    if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives
+        next(model.parameters()).grad.view(-1)[0] = float("nan")
+    # one all-reduce per step: the step's mean loss over every rank, and whether any rank got a signal
+    flag = torch.tensor(float(stop["signal"] is not None), device=loss_sum.device)
+    loss, stop_votes = accelerator.reduce(torch.stack([loss_sum, flag]), "sum").tolist()
+    grad_norm = float("nan")
+    if math.isfinite(loss):  # the norm is computed even without clipping (max_norm inf): it is the check
+        max_norm = a.max_grad_norm if a.max_grad_norm > 0 else math.inf
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm).item()
+    # a finite loss can still give inf/nan gradients; fp16's GradScaler skips those steps by itself, elsewhere the
+    # update would poison the weights (and the next checkpoint)
+    bad_grads = not math.isfinite(grad_norm) and accelerator.scaler is None
+    if not math.isfinite(loss) or bad_grads:
+        if not a.skip_nonfinite:
+            what = f"the loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+            raise NonFiniteLoss(state.step + 1, what, latest_checkpoint(run.ckpt_root))
+        state.skipped_steps += 1  # no update from this step's gradients
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if inject in ("weights", "optimizer_state"):  # an update that overflows, found only by save()'s check
+        p = next(model.parameters())
+        (p.data if inject == "weights" else optimizer.state[p]["exp_avg_sq"]).view(-1)[0] = float("inf")
+    state.step += 1
+    state.samples_in_epoch += run.blocks_per_step
+    state.tokens_seen += run.tokens_per_step
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm}, stop_votes > 0
+
+
+def training_step(accelerator: Accelerator, model, micro_batches: list[dict], inject_nan: bool = False) -> torch.Tensor:
+    """Forward/backward over one optimizer step's micro-batches; returns this rank's share of the mean loss.
+
+    The loss is normalised by the number of target tokens of the whole step, across micro-batches and processes
+    (transformers' num_items_in_batch), so accumulating k micro-batches equals one batch k times larger. Gradients
+    are reduced across processes once, in the last micro-batch's backward (no_sync before it).
+    """
+    local = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)  # targets: every label after the first
+    num_items = accelerator.reduce(local, "sum")
+    loss_sum = torch.zeros((), device=accelerator.device)
+    model.train()
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            # skip_logits: the chunked LM head + cross-entropy, the same loss and gradients without [B, T, V] logits
+            out = model(
+                input_ids=batch["input_ids"],
+                labels=batch["labels"],
+                use_cache=False,
+                num_items_in_batch=num_items,
+                skip_logits=True,
+            )
+            loss = out.loss  # sum of this micro-batch's token losses / num_items
+            if inject_nan:
+                loss = loss * float("nan")
+            # DDP averages gradients over processes: undo it, the sum is already normalised by num_items
+            accelerator.backward(loss * accelerator.num_processes)
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
 def collate(dataset, indices: list[int]) -> dict:
     """Rows `indices` of the packed dataset as a batch; labels are the inputs (the model shifts them)."""
     input_ids = torch.as_tensor(dataset[indices]["input_ids"], dtype=torch.long)  # (B, T)
@@ -207,233 +408,35 @@ def epoch_loader(accelerator: Accelerator, dataset, epoch: int, seed: int, batch
     return accelerator.prepare_data_loader(loader)
 
 
-def step_batches(accelerator, train, state: dict, args, steps_per_epoch: int, blocks_per_step: int):
+def step_batches(run: Run):
     """Yield each optimizer step's k micro-batches, epoch after epoch, from the saved data position on."""
-    k = args.gradient_accumulation_steps
+    a, state, train = run.args, run.state, run.data.train.with_format("numpy")
+    k = a.gradient_accumulation_steps
     while True:
-        start = state["samples_in_epoch"] // blocks_per_step  # optimizer steps already taken in this epoch
-        loader = epoch_loader(
-            accelerator, train, state["epoch"], args.seed, args.batch_size, steps_per_epoch * blocks_per_step
-        )
+        start = state.samples_in_epoch // run.blocks_per_step  # optimizer steps already taken in this epoch
+        blocks = run.steps_per_epoch * run.blocks_per_step
+        loader = epoch_loader(run.accelerator, train, state.epoch, a.seed, a.batch_size, blocks)
         if start:
-            loader = accelerator.skip_first_batches(loader, start * k)  # resume mid-epoch: no batch replayed
+            loader = run.accelerator.skip_first_batches(loader, start * k)  # resume mid-epoch: no batch replayed
         it = iter(loader)
-        for _ in range(start, steps_per_epoch):
+        for _ in range(start, run.steps_per_epoch):
             yield [next(it) for _ in range(k)]
-        state["epoch"] += 1
-        state["samples_in_epoch"] = 0
+        state.epoch += 1
+        state.samples_in_epoch = 0
 
 
-def fit(run: dict) -> str:
-    """Train until max_steps, stop_at_step or a signal. Returns "done" or "stopped"."""
-    accelerator, model, optimizer, scheduler = run["accelerator"], run["model"], run["optimizer"], run["scheduler"]
-    args, state, data = run["args"], run["state"], run["data"]
-    k, world = args.gradient_accumulation_steps, accelerator.num_processes
-    train = data.train.with_format("numpy")
-    blocks_per_step = args.batch_size * k * world
-    steps_per_epoch = len(train) // blocks_per_step
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"pretrain: error: the training split has {len(train)} blocks, fewer than one optimizer step "
-            f"needs (batch_size {args.batch_size} x accumulation {k} x processes {world} = "
-            f"{blocks_per_step}). Lower --batch_size or --gradient_accumulation_steps, or add data."
-        )
-    block_size = run["data_args"].block_size
-    tokens_per_step = blocks_per_step * block_size
-    unwrapped = accelerator.unwrap_model(model)
-    num_params = sum(p.numel() for p in unwrapped.parameters())
-    pos_params = sum(p.numel() for n, p in unwrapped.named_parameters() if "embed_positions" in n)
-    fpt = flops_per_token(unwrapped.config, num_params - pos_params)
-    peak = args.peak_tflops or _lookup_peak(accelerator.device)
-    info = data.info
-    print0 = accelerator.print
-    print0(
-        f"model: {num_params / 1e6:.2f}M parameters, n_layer={unwrapped.config.n_layer} "
-        f"n_embd={unwrapped.config.n_embd} n_head={unwrapped.config.n_head} vocab={unwrapped.config.vocab_size} "
-        f"positions={unwrapped.config.position_embedding_type}, {fpt / 1e6:.1f} MFLOP/token"
-    )
-    print0(
-        f"data: {len(train):,} train blocks ({info['tokens']['train']:,} tokens), {len(data.validation):,} "
-        f"validation blocks of {block_size} tokens; tokenizer vocabulary {len(run['tokenizer'])}; "
-        f"validation unigram perplexity {info['unigram_perplexity_validation']:.1f} (the bar to beat)"
-    )
-    print0(
-        f"batch: {args.batch_size} sequences x {block_size} tokens x {k} accumulation x {world} processes = "
-        f"{tokens_per_step:,} tokens per step; {steps_per_epoch} steps per epoch"
-    )
-    print0(
-        f"schedule: {args.max_steps} steps = {args.max_steps * tokens_per_step / 1e6:.2f}M tokens "
-        f"({args.max_steps / steps_per_epoch:.2f} epochs, {args.max_steps * tokens_per_step / num_params:.1f} "
-        f"tokens/parameter); warmup {args.warmup_steps}, cosine {args.learning_rate:g} -> {args.min_learning_rate:g}"
-        f"; device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
-    )
-
-    if accelerator.is_main_process:  # a fresh run starts a fresh log; a resumed one drops the crashed run's tail
-        _truncate_log(run["out"] / "log.jsonl", state["step"] if run["resumed"] else -1)
-    if args.report_to != "none":
-        accelerator.init_trackers(
-            "tensorboard",
-            config={
-                k_: v if isinstance(v, (int, float, str, bool)) else str(v)
-                for g in run["run_args"].values()
-                for k_, v in g.items()
-            },
-        )
-    stop = install_signal_handlers()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=args.max_steps,
-        initial=state["step"],
-        disable=not accelerator.is_local_main_process,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    consumed: list[int] = []
-    if state["step"] == 0 and args.eval_every:
-        evaluate_and_log(run, bar)
-    status, last_saved = "done", None
-
-    def save() -> Path | None:  # every process takes part; None when the save failed (reported, retried next time)
-        # the loss and gradient checks cannot see an update that overflows the weights or AdamW's moments, and such
-        # a checkpoint would poison every resume; skipping is too late now, so this stops even with --skip_nonfinite
-        what = nonfinite_state(accelerator, model, optimizer)
-        if what:
-            raise NonFiniteLoss(state["step"], what, latest_checkpoint(run["ckpt_root"]), skippable=False)
-        train_state = {"state": state, "args": run["run_args"], "scheduler": scheduler.state_dict()}
-        root, delay = run["ckpt_root"], args.debug_save_delay
-        return save_checkpoint(
-            accelerator, model, run["tokenizer"], root, state["step"], train_state, args.keep_last, delay
-        )
-
-    batches = step_batches(accelerator, train, state, args, steps_per_epoch, blocks_per_step)
-    train_time, steps_since = 0.0, 0
-    run["train_time"], run["steps_run"] = 0.0, 0
-    try:
-        while state["step"] < args.max_steps:
-            t0 = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            micro_batches = next(batches)
-            if args.debug_rank_dumps:
-                consumed += [i for b in micro_batches for i in b["block_ids"].tolist()]
-            inject = args.inject_nonfinite_into if args.inject_nonfinite_at_step == state["step"] + 1 else None
-            loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
-            if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives
-                next(model.parameters()).grad.view(-1)[0] = float("nan")
-            # one all-reduce per step: the step's mean loss over every rank, and whether any rank got a signal
-            flag = torch.tensor(float(stop["signal"] is not None), device=loss_sum.device)
-            loss, stop_votes = accelerator.reduce(torch.stack([loss_sum, flag]), "sum").tolist()
-            grad_norm = float("nan")
-            if math.isfinite(loss):  # the norm is computed even without clipping (max_norm inf): it is the check
-                max_norm = args.max_grad_norm if args.max_grad_norm > 0 else math.inf
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm).item()
-            # a finite loss can still give inf/nan gradients; fp16's GradScaler skips those steps by itself,
-            # elsewhere the update would poison the weights (and the next checkpoint)
-            bad_grads = not math.isfinite(grad_norm) and accelerator.scaler is None
-            if not math.isfinite(loss) or bad_grads:
-                if not args.skip_nonfinite:
-                    what = (
-                        f"the loss became {loss}"
-                        if not math.isfinite(loss)
-                        else f"the gradient norm became {grad_norm}"
-                    )
-                    raise NonFiniteLoss(state["step"] + 1, what, latest_checkpoint(run["ckpt_root"]))
-                optimizer.zero_grad(set_to_none=True)  # skip: no update from this step's gradients
-                state["skipped_steps"] += 1
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if inject in ("weights", "optimizer_state"):  # an update that overflows, found only by save()'s check
-                p = next(model.parameters())
-                (p.data if inject == "weights" else optimizer.state[p]["exp_avg_sq"]).view(-1)[0] = float("inf")
-            scheduler.step()
-            state["step"] += 1
-            state["samples_in_epoch"] += blocks_per_step
-            state["tokens_seen"] += tokens_per_step
-            train_time, steps_since = train_time + time.perf_counter() - t0, steps_since + 1
-            run["train_time"] += time.perf_counter() - t0
-            run["steps_run"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-
-            step = state["step"]
-            if step % args.log_every == 0 or step == args.max_steps:
-                tok_s = steps_since * tokens_per_step / train_time  # training time only: no eval, no saving
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tok_s,
-                    "tokens_seen": state["tokens_seen"],
-                    "skipped_steps": state["skipped_steps"],
-                }
-                if peak:
-                    record["mfu"] = fpt * tok_s / (peak * 1e12 * world)
-                log_metrics(run, record, bar)
-                train_time, steps_since = 0.0, 0
-            if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-                evaluate_and_log(run, bar)
-            signalled = stop_votes > 0
-            if signalled or step == args.stop_at_step or (args.save_every and step % args.save_every == 0):
-                last_saved = save() or last_saved
-            if signalled or step == args.stop_at_step:
-                why = (
-                    f"signal {signal.Signals(stop['signal']).name}"
-                    if stop["signal"]
-                    else "a signal to another process"
-                    if signalled
-                    else f"--stop_at_step {args.stop_at_step}"
-                )
-                print0(f"Stopped at step {step} on {why}; last checkpoint {last_saved}. Continue with --resume latest.")
-                status = "stopped"
-                break
-    finally:
-        bar.close()
-        restore_signal_handlers(stop)
-    if status == "done":
-        run["final_eval"] = evaluate_and_log(run, None)
-        if last_saved is None or last_saved.name != f"step-{state['step']}":
-            last_saved = save()
-        if last_saved is None:
-            raise SystemExit(
-                f"pretrain: error: the final checkpoint could not be saved in {run['ckpt_root']} (see the error above)."
-            )
-    if args.debug_rank_dumps:
-        _dump_rank(run, consumed)
-    return status
-
-
-def training_step(accelerator: Accelerator, model, micro_batches: list[dict], inject_nan: bool = False) -> torch.Tensor:
-    """Forward/backward over one optimizer step's micro-batches; returns this rank's share of the mean loss.
-
-    The loss is normalised by the number of target tokens of the whole step, across micro-batches and processes
-    (transformers' num_items_in_batch), so accumulating k micro-batches equals one batch k times larger.
-    """
-    local = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)  # targets: every label after the first
-    num_items = accelerator.reduce(local, "sum")
-    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes
-    loss_sum = torch.zeros((), device=accelerator.device)
-    model.train()
-    for batch in micro_batches:
-        with accelerator.accumulate(model):
-            # skip_logits: the chunked LM head + cross-entropy, the same loss and gradients without [B, T, V] logits
-            out = model(
-                input_ids=batch["input_ids"],
-                labels=batch["labels"],
-                use_cache=False,
-                num_items_in_batch=num_items,
-                skip_logits=True,
-            )
-            loss = out.loss  # sum of this micro-batch's token losses / num_items
-            if inject_nan:
-                loss = loss * float("nan")
-            # accelerate divides by k and DDP averages over processes: undo both, the sum is already normalised
-            accelerator.backward(loss * scale)
-            loss_sum += loss.detach().float()
-    assert accelerator.sync_gradients, "the accumulation window and accelerate's step count disagree"
-    return loss_sum
+def save(run: Run) -> Path | None:
+    """Checkpoint this step (every process takes part); None when the save failed (reported, retried next time)."""
+    # the loss and gradient checks cannot see an update that overflows the weights or AdamW's moments, and such a
+    # checkpoint would poison every resume; skipping is too late now, so this stops even with --skip_nonfinite
+    what = nonfinite_state(run.accelerator, run.model, run.optimizer)
+    if what:
+        raise NonFiniteLoss(run.state.step, what, latest_checkpoint(run.ckpt_root), skippable=False)
+    train_state = {"state": asdict(run.state), "args": run.saved_args}
+    return save_checkpoint(
+        run.accelerator, run.model, run.data.tokenizer, run.ckpt_root, run.state.step, train_state,
+        run.args.keep_last, run.debug.save_delay,
+    )  # fmt: skip
 
 
 def nonfinite_state(accelerator: Accelerator, model, optimizer) -> str | None:
@@ -468,197 +471,106 @@ class NonFiniteLoss(SystemExit):
         )
 
 
-@torch.no_grad()
-def validate(accelerator: Accelerator, model, dataset, batch_size: int, max_batches: int = 0) -> dict:
-    """Validation loss and perplexity through the project's `evaluate` perplexity module (main process)."""
-    import evaluate
-
-    from train.metrics import metric_path
-
-    model.eval()
-    ds = dataset.with_format("numpy")
-    loader = accelerator.prepare_data_loader(
-        DataLoader(
-            list(range(len(ds))), batch_size=batch_size, collate_fn=partial(collate, ds), generator=torch.Generator()
-        )
-    )
-    rows = []
-    for i, batch in enumerate(loader):
-        if max_batches and i >= max_batches:
-            break
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
-        targets = batch["labels"][:, 1:]  # (B, T-1): each position predicts the next token
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
-        per_row = torch.stack([nll.sum(1), (targets != -100).sum(1).float()], dim=1)  # (B, 2)
-        # one row per sequence, so that gather_for_metrics can drop the ones repeated to even out the last batch
-        rows.append(accelerator.gather_for_metrics(per_row))  # (P*B, 2)
-    model.train()
-    rows = torch.cat(rows).cpu()
-    if not accelerator.is_main_process:
-        return {}
-    metric = evaluate.load(metric_path("perplexity"), keep_in_memory=True)
-    result = metric.compute(nll=rows[:, 0].tolist(), num_tokens=rows[:, 1].long().tolist())
-    return {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
-
-
-def evaluate_and_log(run: dict, bar) -> dict:
-    a = run["args"]
-    metrics = validate(run["accelerator"], run["model"], run["data"].validation, a.batch_size, a.eval_batches)
+# ------------------------------------------------------------------------------------------------ validation
+def evaluate(run: Run, whole_split: bool) -> dict:
+    """validate() at this step, logged: on every validation block, or on the first --eval_batches batches of each
+    process (a sample, and the log line says so: "400 of 860 validation blocks (a sample)")."""
+    max_batches = 0 if whole_split else run.args.eval_batches
+    metrics = validate(run.model, run.data.validation, run.args.batch_size, max_batches, run.accelerator)
     if metrics:
-        log_metrics(run, {"step": run["state"]["step"], **metrics}, bar)
+        run.log.write({"step": run.state.step, **metrics, "val_split_blocks": len(run.data.validation)})
     return metrics
 
 
-def log_metrics(run: dict, record: dict, bar) -> None:
-    """One line to the console, log.jsonl and the trackers; main process only."""
-    accelerator = run["accelerator"]
-    if run["args"].report_to != "none":
-        try:
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        except OSError as e:  # tensorboard's writer thread died (disk full) and re-raises on every call after
-            print(
-                f"pretrain: warning: the {run['args'].report_to} tracker failed ({e}); training goes on without "
-                "it, log.jsonl keeps the record.",
-                file=sys.stderr,
-            )
-            accelerator.trackers.clear()  # also keeps end_training() from flushing the dead writer
-    if not accelerator.is_main_process:
-        return
-    path, line = run["out"] / "log.jsonl", (json.dumps(record) + "\n").encode()
-    try:
-        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write is undone here, not retried at close
-            size = f.seek(0, os.SEEK_END)
-            try:
-                if f.write(line) != len(line):
-                    raise OSError(f"wrote only part of a {len(line)}-byte line")
-            except OSError:
-                f.truncate(size)  # never leave half a line: resume and the loss plot parse every line
-                raise
-        run["log_failing"] = False
-    except OSError as e:  # a full disk must not kill the run: checkpoint saves report their failures and retry
-        if not run.get("log_failing"):
-            print(
-                f"pretrain: warning: could not append to {path}: {e}. Training goes on; log lines are missing "
-                "until a write succeeds again.",
-                file=sys.stderr,
-            )
-        run["log_failing"] = True
-    parts = [f"step {record['step']}"] + [_fmt(k, v) for k, v in record.items() if k not in ("step", "tokens_seen")]
-    (bar.write if bar is not None else print)(" | ".join(parts))
+@torch.no_grad()
+def validate(model, blocks, batch_size: int, max_batches: int = 0, accelerator: Accelerator | None = None) -> dict:
+    """Loss and perplexity of `model` on the packed `blocks`, through the project's `evaluate` perplexity module.
 
+    Every block, or with max_batches the first max_batches batches of each process, which are the first
+    max_batches x batch_size x processes blocks whatever the number of processes: process r takes blocks r, r+P, ...
+    A process left one block short runs a fully masked one, so that all run the same forwards (FSDP gathers weights
+    in each). The loss is training's lean path (skip_logits, summed with num_items_in_batch=1): no [B, T, V] logits.
+    Returns {"val_loss", "val_perplexity", "val_blocks"} on the main process (or without an accelerator, as
+    train.demo calls it on a plain model), {} on the others.
+    """
+    from train.metrics import load_metric
 
-def _fmt(key: str, value) -> str:
-    if key == "tokens_per_s":
-        return f"{value:,.0f} tok/s"
-    if key == "mfu":
-        return f"mfu {100 * value:.1f}%"
-    if key == "lr":
-        return f"lr {value:.2e}"
-    return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else model.device
+    rows = list(range(rank, len(blocks), world))
+    per_process = -(-len(blocks) // world)
+    real = torch.arange(per_process) < len(rows)  # (per_process,): False for the masked filler block
+    rows += [0] * (per_process - len(rows))
+    if max_batches:
+        rows, real = rows[: max_batches * batch_size], real[: max_batches * batch_size]
+    ds = blocks.with_format("numpy")
+    totals = torch.zeros(3, dtype=torch.float64)  # summed NLL, predicted tokens, blocks
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        ids = torch.as_tensor(ds[rows[start : start + batch_size]]["input_ids"], dtype=torch.long, device=device)
+        keep = real[start : start + batch_size].to(device)  # (B,)
+        labels = ids.masked_fill(~keep[:, None], -100)  # (B, T); the model shifts them
+        out = model(input_ids=ids, labels=labels, use_cache=False, skip_logits=True, num_items_in_batch=1)
+        # .item() syncs with the device once per batch: fine for an evaluation, and exact in float64
+        totals += torch.tensor(
+            [out.loss.item(), (labels[:, 1:] != -100).sum().item(), keep.sum().item()], dtype=torch.float64
+        )
+    model.train(was_training)
+    if world > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    if accelerator is not None and not accelerator.is_main_process:
+        return {}
+    result = load_metric("perplexity", keep_in_memory=True).compute(nll=[totals[0].item()], num_tokens=[int(totals[1])])
+    return {"val_loss": result["loss"], "val_perplexity": result["perplexity"], "val_blocks": int(totals[2])}
 
 
 # ------------------------------------------------------------------------------------------------- the end
-def save_final(run: dict) -> None:
+def save_final(run: Run) -> None:
     """save_pretrained of the unwrapped model + tokenizer + generation config into output_dir, then the loss PNG."""
-    accelerator, out = run["accelerator"], run["out"]
-    state_dict = accelerator.get_state_dict(run["model"])  # every process takes part (FSDP gathers here)
+    accelerator, out = run.accelerator, run.out
+    state_dict = accelerator.get_state_dict(run.model)  # every process takes part (FSDP gathers here)
     if accelerator.is_main_process:
         try:
-            accelerator.unwrap_model(run["model"]).save_pretrained(
+            accelerator.unwrap_model(run.model).save_pretrained(
                 out, state_dict=state_dict, save_function=accelerator.save
             )
-            run["tokenizer"].save_pretrained(out)
+            run.data.tokenizer.save_pretrained(out)
             plot_losses(out / "log.jsonl", out / "loss.png")
         except (OSError, RuntimeError, SafetensorError) as e:  # a full disk is any of the three (see save_checkpoint)
             raise SystemExit(
                 f"pretrain: error: could not write the final model to {out}: {e}. The last checkpoint "
-                f"in {run['ckpt_root']} is intact; free space or fix permissions, then --resume latest."
+                f"in {run.ckpt_root} is intact; free space or fix permissions, then --resume latest."
             )
         accelerator.print(f"Saved the final model, tokenizer and generation config to {out}.")
     accelerator.wait_for_everyone()
 
 
-def plot_losses(log_path: Path, png_path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # a declared dependency; still, a missing plot must not fail a finished run
-        print(f"matplotlib is not installed, so no {png_path.name}: `pip install matplotlib` to plot {log_path}.")
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(f"MiniGPT pretraining: {png_path.parent.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-def push(run: dict) -> None:
+def push(run: Run) -> None:
     """Publish the final model (not the checkpoints) through the project's Hub code."""
     from hub.push import push_folder  # imported here: only --push_to_hub needs the Hub client code
 
-    a, accelerator = run["args"], run["accelerator"]
+    a, accelerator = run.args, run.accelerator
     if accelerator.is_main_process:
         try:
             url = push_folder(
-                run["out"],
+                run.out,
                 a.hub_model_id,
                 private=a.hub_private,
-                commit_message=f"MiniGPT pretrained for {run['state']['step']} steps",
+                commit_message=f"MiniGPT pretrained for {run.state.step} steps",
             )
         except (PermissionError, ValueError, OSError) as e:
             raise SystemExit(
                 f"pretrain: error: the push to {a.hub_model_id} failed: {e} The model is saved in "
-                f"{run['out']}; push it later with hub.push.push_folder."
+                f"{run.out}; push it later with hub.push.push_folder."
             ) from None
-        print(f"Pushed {run['out']} to {url}.")
+        print(f"Pushed {run.out} to {url}.")
     accelerator.wait_for_everyone()
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-
-
-def _lookup_peak(device: torch.device) -> float:
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((tf for key, tf in PEAK_TFLOPS.items() if key in name), 0.0)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past `step` (on resume: the crashed run's tail), so that curves don't repeat."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def _dump_rank(run: dict, consumed: list[int]) -> None:
-    import hashlib
-
-    accelerator = run["accelerator"]
-    model = accelerator.unwrap_model(run["model"])
-    digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
-    folder = run["out"] / "debug"
-    folder.mkdir(parents=True, exist_ok=True)
-    dump = {"rank": accelerator.process_index, "blocks": consumed, "weights_sha256": digest.hexdigest()}
-    (folder / f"rank{accelerator.process_index}.json").write_text(json.dumps(dump))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -666,38 +578,28 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     run = setup(argv)
     try:
-        status = fit(run)
+        result = fit(run)
     except NonFiniteLoss as e:
         print(e.message, file=sys.stderr)
-        run["accelerator"].end_training()
+        run.accelerator.end_training()
         raise
-    if status == "done":
+    if result["status"] == "done":
         save_final(run)
-        if run["args"].push_to_hub:
+        if run.args.push_to_hub:
             push(run)
-    else:
-        if run["accelerator"].is_main_process:
-            try:
-                plot_losses(run["out"] / "log.jsonl", run["out"] / "loss.png")
-            except OSError as e:  # the checkpoint is what matters here; a full disk must not turn exit 0 into a crash
-                print(f"pretrain: warning: could not write {run['out'] / 'loss.png'}: {e}", file=sys.stderr)
-    run["accelerator"].end_training()
-    a = run["args"]
-    tokens = (
-        run["steps_run"]
-        * a.batch_size
-        * a.gradient_accumulation_steps
-        * run["accelerator"].num_processes
-        * (run["data_args"].block_size)
-    )
+    elif run.accelerator.is_main_process:
+        try:
+            plot_losses(run.out / "log.jsonl", run.out / "loss.png")
+        except OSError as e:  # the checkpoint is what matters here; a full disk must not turn exit 0 into a crash
+            print(f"pretrain: warning: could not write {run.out / 'loss.png'}: {e}", file=sys.stderr)
+    run.accelerator.end_training()
+    tokens_per_s = result.pop("steps_run") * run.tokens_per_step / max(result["train_time_s"], 1e-9)
     return {
-        "status": status,
-        "step": run["state"]["step"],
-        "output_dir": str(run["out"]),
+        "step": run.state.step,
+        "output_dir": str(run.out),
         "wall_time_s": time.perf_counter() - start,
-        "train_time_s": run["train_time"],
-        "tokens_per_s": tokens / max(run["train_time"], 1e-9),
-        **run.get("final_eval", {}),
+        "tokens_per_s": tokens_per_s,
+        **result,
     }
 
 

@@ -1,13 +1,18 @@
-"""A byte-level BPE tokenizer trained with the `tokenizers` library and wrapped as a transformers fast tokenizer.
+"""A byte-level BPE tokenizer trained with the `tokenizers` library and wrapped as a transformers fast tokenizer,
+and the three checks of how a tokenizer and a model fit together: vocabulary, special-token ids, context length.
 
 Byte-level means every string is encodable (no unknown token): the 256 byte symbols are the initial alphabet,
 as in GPT-2. The special tokens are <|bos|>, <|eos|> and <|pad|>; EOS also separates packed documents.
 """
 
+import logging
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+
+logger = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
@@ -41,3 +46,36 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    """The tokenizer's BOS, EOS and pad ids under the names that the model config, `GenerationConfig` and
+    `generate()` take, so that all three agree with the tokenizer: `GenerationConfig(**special_token_ids(tok))`."""
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def context_length(model, tokenizer: PreTrainedTokenizerBase | None = None) -> int | None:
+    """The most positions `model` reads: its config's max_position_embeddings (n_positions for MiniGPT and GPT-2),
+    else the tokenizer's model_max_length where the tokenizer sets one, else None (no known limit)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None and tokenizer is not None and tokenizer.model_max_length < VERY_LARGE_INTEGER:
+        limit = tokenizer.model_max_length  # VERY_LARGE_INTEGER is what a tokenizer without a limit reports
+    return limit
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, model) -> None:
+    """A token id past the embedding table crashes deep inside the first forward; say it up front."""
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab_size}: they do not belong "
+            "together. Pass the tokenizer the model was trained with (train.finetune --tokenizer_name_or_path, "
+            "train.evaluation --tokenizer), or a checkpoint built for this tokenizer."
+        )
+    if vocab_size - len(tokenizer) >= 128:  # padding to a multiple of 64 is normal; more means another tokenizer
+        logger.warning("The model embeds %d ids but the tokenizer has only %d tokens; is it the right tokenizer?",
+                       vocab_size, len(tokenizer))

@@ -10,18 +10,14 @@ same text in bits per UTF-8 byte does not, so it compares models with different 
 
 import math
 
-import datasets
 import evaluate
+
+from train.metrics import metric_info
 
 
 class BitsPerByte(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Total negative log-likelihood in bits divided by the UTF-8 bytes of the text it covers.",
-            citation="",
-            inputs_description="nll: summed negative log-likelihood in nats; num_bytes: UTF-8 bytes it covers.",
-            features=datasets.Features({"nll": datasets.Value("float64"), "num_bytes": datasets.Value("int64")}),
-        )
+        return metric_info(__doc__, nll="float64", num_bytes="int64")
 
     def _compute(self, nll, num_bytes):
         total_bytes = sum(num_bytes)

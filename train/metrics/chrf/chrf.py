@@ -7,19 +7,16 @@ A corpus-level score with one reference per prediction; `word_order=2` gives chr
 ("chiens" for "chien") that exact match scores as 0, which makes it the better signal for small models.
 """
 
-import datasets
 import evaluate
 import sacrebleu
+
+from train.metrics import metric_info
 
 
 class Chrf(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Corpus chrF / chrF++ from sacrebleu (0-100, higher is better).",
-            citation="Maja Popović. chrF: character n-gram F-score for automatic MT evaluation. WMT 2015.",
-            inputs_description="predictions, references: lists of strings, one reference per prediction.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+        citation = "Maja Popović. chrF: character n-gram F-score for automatic MT evaluation. WMT 2015."
+        return metric_info(__doc__, citation, predictions="string", references="string")
 
     def _compute(self, predictions, references, char_order: int = 6, word_order: int = 0, beta: int = 2):
         if not predictions:

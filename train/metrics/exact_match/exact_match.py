@@ -7,18 +7,14 @@ By default both sides are stripped of surrounding whitespace and nothing else is
 punctuation count (`ignore_case=True` relaxes the case).
 """
 
-import datasets
 import evaluate
+
+from train.metrics import metric_info
 
 
 class ExactMatch(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Fraction of predictions equal to their reference string.",
-            citation="",
-            inputs_description="predictions, references: lists of strings; strip, ignore_case: normalisation flags.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+        return metric_info(__doc__, predictions="string", references="string")
 
     def _compute(self, predictions, references, strip: bool = True, ignore_case: bool = False):
         if not predictions:

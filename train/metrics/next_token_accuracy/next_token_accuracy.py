@@ -8,18 +8,14 @@ A hit is a position where the model's most likely next token (argmax of the logi
 Counts rather than per-token booleans keep the metric cheap to feed for millions of tokens.
 """
 
-import datasets
 import evaluate
+
+from train.metrics import metric_info
 
 
 class NextTokenAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description="Fraction of positions whose argmax prediction is the actual next token.",
-            citation="",
-            inputs_description="correct: argmax hits in a batch; total: predicted positions in that batch.",
-            features=datasets.Features({"correct": datasets.Value("int64"), "total": datasets.Value("int64")}),
-        )
+        return metric_info(__doc__, correct="int64", total="int64")
 
     def _compute(self, correct, total):
         n = sum(total)

@@ -13,20 +13,14 @@ fed batch by batch, or gathered across processes.
 
 import math
 
-import datasets
 import evaluate
 
-_DESCRIPTION = "Perplexity exp(sum(nll) / sum(num_tokens)) from per-batch summed negative log-likelihoods (nats)."
+from train.metrics import metric_info
 
 
 class Perplexity(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description="nll: summed negative log-likelihood in nats; num_tokens: tokens it covers.",
-            features=datasets.Features({"nll": datasets.Value("float64"), "num_tokens": datasets.Value("int64")}),
-        )
+        return metric_info(__doc__, nll="float64", num_tokens="int64")
 
     def _compute(self, nll, num_tokens):
         total_tokens = sum(num_tokens)
