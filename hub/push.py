@@ -24,11 +24,12 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from hub.model_card import build_model_card, is_generated
-from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from modeling_minigpt import MiniGPTConfig
 from modeling_minigpt.configuration_minigpt import AUTO_MAP
+from train.checkpoints import write_model_code
 
 # Top-level files that are published, by suffix; anything else (optimizer.pt, training_args.bin, ...) stays local.
 PUSHED_SUFFIXES = (
@@ -84,16 +85,6 @@ def has_remote_code(folder: Path, config: dict) -> bool:
     if not all(path.is_file() for path in files):
         return False
     return all(Path(needed).is_file() for path in files for needed in get_relative_import_files(path))
-
-
-def add_remote_code(stage: Path) -> list[str]:
-    """Write config.json with the full auto_map and the code files into `stage`, as `save_pretrained` does for the
-    classes that importing modeling_minigpt marks with `register_for_auto_class`. Returns the files written."""
-    config = MiniGPTConfig.from_pretrained(stage)
-    config.auto_map = dict(AUTO_MAP)  # an older checkpoint may name only some of the classes
-    written = custom_object_save(MiniGPTForCausalLM, stage)  # modeling_minigpt.py and what it imports relatively
-    config.save_pretrained(stage)  # config.json and configuration_minigpt.py
-    return sorted({"config.json", "configuration_minigpt.py", *(Path(p).name for p in written)})
 
 
 def stage_files(folder: Path, stage: Path) -> tuple[list[str], list[str]]:
@@ -155,7 +146,7 @@ def push_folder(
     with tempfile.TemporaryDirectory(prefix="minigpt-push-") as tmp:
         stage = Path(tmp)
         pushed, skipped = stage_files(folder, stage)
-        repaired = [] if has_remote_code(folder, config) else add_remote_code(stage)
+        repaired = [] if has_remote_code(folder, config) else write_model_code(MiniGPTConfig.from_pretrained(stage), stage)
         pushed = sorted(set(pushed) | set(repaired))
 
         readme = folder / "README.md"

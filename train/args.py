@@ -22,6 +22,7 @@ from modeling_minigpt import MiniGPTConfig
 from modeling_minigpt.configuration_minigpt import NORM_POSITIONS, POSITION_EMBEDDING_TYPES
 from train.checkpoints import is_checkpoint
 from train.data import DataArguments, DataError, check_data_arguments
+from train.tokenizer import special_token_ids
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs" / "presets"  # argument presets (accelerate's: ../accelerate)
 EXIT_NONFINITE = 3  # exit status of a run stopped by NaN/inf (here: --skip_nonfinite's help names it)
@@ -314,8 +315,7 @@ def build_config(model: ModelArguments, data: DataArguments, vocab_size: int, to
     """The MiniGPTConfig of these arguments: ModelArguments' fields are MiniGPTConfig's own, except n_positions
     (default: the block size) and dropout (one rate for embeddings, attention and residuals)."""
     shape = {k: v for k, v in asdict(model).items() if k not in ("n_positions", "dropout")}
-    special = ("bos_token_id", "eos_token_id", "pad_token_id")
-    ids = {} if tokenizer is None else {name: getattr(tokenizer, name) for name in special}
+    ids = {} if tokenizer is None else special_token_ids(tokenizer)
     return MiniGPTConfig(
         vocab_size=(vocab_size + 63) // 64 * 64,  # padded to a multiple of 64 for fast matmuls; extra ids unused
         n_positions=model.n_positions or data.block_size,

@@ -96,8 +96,7 @@ def check_state_files(folder: Path) -> None:
             if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
                 load(path, map_location="cpu")  # weights_only=True
             elif path.suffix == ".safetensors":
-                with safe_open(path, "pt"):  # reads and checks the header against the file size
-                    pass
+                check_weight_file(path)
         except Exception as e:  # noqa: BLE001 (UnpicklingError, RuntimeError, OSError, SafetensorError, ...)
             lines = str(e).strip().splitlines() or [type(e).__name__]
             reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0]).split(". Please")[0]
@@ -125,8 +124,6 @@ def check_weight_file(path: Path) -> None:
     """Raise an OSError naming `path` unless it is a complete safetensors file. Reads the header only: safetensors
     checks there that the tensors it lists cover the file exactly, which a truncated file fails. (A flipped bit
     inside tensor data goes unseen: the format has no checksum.)"""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt"):
             pass
@@ -220,12 +217,24 @@ def save_checkpoint(
 
 def _write_loadable_files(model, tokenizer, folder: Path) -> None:
     """Config with auto_map, the modeling code, generation config and tokenizer: the folder loads with AutoModel."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    custom_object_save(model, folder, config=model.config)
-    model.config.save_pretrained(folder)
+    write_model_code(model.config, folder)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def write_model_code(config, folder: Path) -> list[str]:
+    """config.json with an auto_map naming every MiniGPT class, and the code files (modeling_minigpt.py with what it
+    imports relatively, configuration_minigpt.py), as save_pretrained writes them: the folder then loads through
+    every Auto class with trust_remote_code. Returns the names of the files written."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from modeling_minigpt import MiniGPTForCausalLM  # here, not at the top: loading needs no package (see tests)
+    from modeling_minigpt.configuration_minigpt import AUTO_MAP
+
+    config.auto_map = dict(AUTO_MAP)  # a config loaded from an older checkpoint may name only some classes
+    written = custom_object_save(MiniGPTForCausalLM, folder)  # modeling_minigpt.py and its relative imports
+    config.save_pretrained(folder)  # config.json and configuration_minigpt.py
+    return sorted({"config.json", "configuration_minigpt.py", *(Path(path).name for path in written)})
 
 
 def _prune(root: Path, keep_last: int) -> None:

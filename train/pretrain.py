@@ -52,6 +52,7 @@ from train.checkpoints import (
 )
 from train.data import DataError, PreparedData, prepare_data
 from train.monitoring import RunLog, count_params, dump_rank, flops_per_token, lookup_peak_tflops, mfu, plot_losses
+from train.tokenizer import special_token_ids
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -150,9 +151,7 @@ def setup(argv: list[str] | None = None) -> Run:
         top_p=0.95,
         max_new_tokens=256,
         repetition_penalty=1.1,
-        bos_token_id=data.tokenizer.bos_token_id,
-        eos_token_id=data.tokenizer.eos_token_id,
-        pad_token_id=data.tokenizer.pad_token_id,
+        **special_token_ids(data.tokenizer),
     )
     optimizer = configure_optimizer(model, args, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
