@@ -49,6 +49,8 @@ def usage_error(argv: list[str], capsys) -> str:
         ("--learning_rate 0", "Need 0 < --learning_rate"),
         ("--adam_beta1 1", "--adam_beta1 must lie in [0, 1), got 1.0."),
         ("--adam_beta2 -0.1", "--adam_beta2 must lie in [0, 1), got -0.1."),
+        ("--post_ln_warmup_fraction 1.5", "--post_ln_warmup_fraction must lie in [0, 1], got 1.5."),
+        ("--post_ln_warmup_fraction nan", "--post_ln_warmup_fraction must lie in [0, 1], got nan."),
         (f"--seed {2**32}", "--seed must lie in [0, 2**32)"),
         ("--seed -1", "--seed must lie in [0, 2**32)"),
         ("--max_steps 0 --batch_size 0", "--max_steps must be >= 1, got 0. --batch_size must be >= 1, got 0."),

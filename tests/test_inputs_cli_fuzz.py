@@ -32,7 +32,7 @@ SPEC = {
     ),
     **dict.fromkeys(
         ["dropout", "validation_fraction", "tokenizer_train_mb", "learning_rate", "min_learning_rate", "weight_decay",
-         "adam_beta1", "adam_beta2", "max_grad_norm", "peak_tflops"],
+         "adam_beta1", "adam_beta2", "max_grad_norm", "peak_tflops", "post_ln_warmup_fraction"],
         (FLOATS, float),
     ),
     **dict.fromkeys(

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
 from modeling_minigpt import MiniGPTForCausalLM
-from train.args import EXIT_NONFINITE, DebugHooks, TrainArguments, build_config, parse_args
+from train.args import EXIT_NONFINITE, DebugHooks, TrainArguments, adapt_recipe, build_config, parse_args
 from train.checkpoints import (
     check_state_files,
     install_signal_handlers,
@@ -116,6 +116,7 @@ def setup(argv: list[str] | None = None) -> Run:
     derived numbers, which it prints before the first step."""
     help_text = dict(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Faults:") :])
     model_args, data_args, args = parse_args(argv, **help_text)
+    recipe_note = adapt_recipe(model_args, args)  # before saved_args: a resume derives the same schedule
     debug = DebugHooks.from_env()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
@@ -135,6 +136,8 @@ def setup(argv: list[str] | None = None) -> Run:
     out = Path(args.output_dir).expanduser().resolve()
     ckpt_root, resume_from = prepare_checkpoint_root(accelerator, out, args.resume, args.overwrite_output_dir)
 
+    if recipe_note:
+        accelerator.print(recipe_note)
     set_seed(args.seed)
     with accelerator.local_main_process_first():  # the local main tokenizes and caches; the others load the cache
         try:
