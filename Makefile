@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: venv demo test test-oldest test-long bench clean
+.PHONY: venv demo test test-oldest test-long bench bench-variants clean
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ test-oldest: $(OLDEST_VENV)/.installed
 
 bench: venv
 	$(PY) -m benchmarks.run_all --device cpu
+
+# every positions x norm x activation variant trained at the tiny preset against the baseline: about 25 minutes
+bench-variants: venv
+	$(PY) -m benchmarks.bench_variants
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache

@@ -94,3 +94,20 @@ def test_benchmarks_count_mfu_with_the_training_formula_and_peak_table():
     assert monitoring.flops_per_token(1000, n_layer=2, n_embd=8, seq_len=16) == 6 * 1000 + 12 * 2 * 8 * 16
     assert common.device_peak_flops("cpu", 100.0) == (100e12, "100 TFLOP/s (given)")
     assert common.device_peak_flops("cpu", None)[0] is None
+
+
+def test_bench_variants_trains_the_baseline_and_a_variant_and_writes_the_table(tmp_path):
+    """Two runs of the tiny preset cut to 60 steps (the built-in corpus is prepared once and cached): the table and
+    JSON come out, with the final whole-split loss, the ratio to the baseline and post-LN's recipe change."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.bench_variants", "--positions", "learned", "--norms", "post",
+           "--activations", "relu", "--baseline_seeds", "1", "--max_steps", "60", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (json_file,) = tmp_path.glob("*-variants-cpu-tiny.json")
+    payload = json.loads(json_file.read_text())
+    (row,) = payload["results"]
+    assert (row["position"], row["norm"], row["activation"]) == ("learned", "post", "relu")
+    assert row["val_loss"] > 0 and row["vs_baseline"] == pytest.approx(row["val_loss"] / payload["baseline"]["mean"])
+    assert "post-LN warms up over 40 of 60 steps instead of 30" in row["recipe"]
+    assert "| learned | post | relu |" in json_file.with_suffix(".md").read_text()

@@ -1,0 +1,123 @@
+"""Learning quality of every model variant: each combination of positions x LayerNorm x activation trained with
+the default recipe at the `tiny` preset, side by side with the baseline (learned positions, pre-LN, GELU).
+
+Each run is `python -m train.pretrain --config tiny` in its own process, on the built-in corpus, with only the
+variant's flags changed; the figure is the final validation loss over the whole split (nats per token; lower is
+better), read from the run's log.jsonl. The bar: within 5% of the baseline's loss (its mean over
+--baseline_seeds seeds), and below the unigram model's loss on the same split.
+
+    python -m benchmarks.bench_variants                    # what `make bench-variants` runs: 12 runs + 2 seeds, ~25 min
+    python -m benchmarks.bench_variants --positions rope --norms post --activations relu --max_steps 50
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR, environment, markdown_table
+
+BASELINE = ("learned", "pre", "gelu_new")
+BAR = 0.05  # relative to the baseline's loss
+
+
+def train_variant(position: str, norm: str, activation: str, seed: int, args) -> dict:
+    """Train one variant in a fresh process; returns its final (whole-split) evaluation and the recipe it used."""
+    out = Path(args.work_dir) / f"{position}-{norm}-{activation}-{seed}"
+    argv = [sys.executable, "-m", "train.pretrain", "--config", "tiny", "--output_dir", str(out), "--cpu",
+            "--overwrite_output_dir", "--report_to", "none", "--save_every", "0", "--seed", str(seed),
+            "--position_embedding_type", position, "--norm_position", norm,
+            "--activation_function", activation]  # fmt: skip
+    if args.max_steps:
+        argv += ["--max_steps", str(args.max_steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    final = [r for r in records if "val_loss" in r and r.get("val_blocks") == r.get("val_split_blocks")][-1]
+    summary = next(line for line in proc.stdout.splitlines() if "validation unigram perplexity" in line)
+    unigram_ppl = float(summary.split("validation unigram perplexity ")[1].split()[0])
+    recipe = next((line for line in proc.stdout.splitlines() if line.startswith("recipe:")), "")
+    return {"val_loss": final["val_loss"], "unigram_loss": math.log(unigram_ppl), "recipe": recipe}
+
+
+def run(args) -> dict:
+    variants = [(p, n, a) for p in args.positions for n in args.norms for a in args.activations]
+    baseline_runs = [train_variant(*BASELINE, seed, args) for seed in args.baseline_seeds]
+    for r, seed in zip(baseline_runs, args.baseline_seeds):
+        print(f"baseline {'/'.join(BASELINE)} seed {seed}: {r.get('val_loss', r.get('error'))}", flush=True)
+    base_losses = [r["val_loss"] for r in baseline_runs if "val_loss" in r]
+    if not base_losses:
+        raise SystemExit(f"bench_variants: the baseline did not train: {baseline_runs[0]['error']}")
+    base = statistics.mean(base_losses)
+    rows = []
+    for variant in variants:
+        result = baseline_runs[0] if variant == BASELINE else train_variant(*variant, args.baseline_seeds[0], args)
+        row = {"position": variant[0], "norm": variant[1], "activation": variant[2], "seed": args.baseline_seeds[0],
+               **result}  # fmt: skip
+        if "val_loss" in result:
+            row["vs_baseline"] = result["val_loss"] / base
+            row["within_bar"] = row["vs_baseline"] <= 1 + BAR and result["val_loss"] < result["unigram_loss"]
+        rows.append(row)
+        print(f"{'/'.join(variant)}: {result.get('val_loss', result.get('error'))}", flush=True)
+    return {"baseline": {"variant": "/".join(BASELINE), "seeds": args.baseline_seeds, "val_losses": base_losses,
+                         "mean": base, "stdev": statistics.stdev(base_losses) if len(base_losses) > 1 else 0.0},
+            "bar": BAR, "max_steps": args.max_steps or "preset", "results": rows}  # fmt: skip
+
+
+def table(payload: dict) -> str:
+    base = payload["baseline"]
+    seeds = ", ".join(f"{loss:.3f}" for loss in base["val_losses"])
+    lines = [f"Baseline {base['variant']}: {base['mean']:.3f} ± {base['stdev']:.3f} nats/token over seeds "
+             f"{base['seeds']} ({seeds}); bar: within {payload['bar']:.0%} of it.", ""]  # fmt: skip
+    rows = []
+    for r in payload["results"]:
+        if "error" in r:
+            rows.append([r["position"], r["norm"], r["activation"], "error", "", "", r["error"]])
+            continue
+        recipe = r["recipe"].removeprefix("recipe: ").split(" (")[0]
+        rows.append([r["position"], r["norm"], r["activation"], f"{r['val_loss']:.3f}", f"{r['vs_baseline']:.3f}",
+                     "yes" if r["within_bar"] else "**no**", recipe])  # fmt: skip
+    headers = ["positions", "norm", "activation", "val loss", "vs baseline", "within bar", "recipe change"]
+    unigram = payload["results"][0].get("unigram_loss")
+    note = f"\n\nUnigram model on the same split: {unigram:.3f} nats/token." if unigram else ""
+    return "\n".join(lines) + markdown_table(headers, rows) + note
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--positions", default="learned,sinusoidal,rope", help="comma-separated position types")
+    p.add_argument("--norms", default="pre,post", help="comma-separated: pre, post")
+    p.add_argument("--activations", default="relu,gelu_new", help="comma-separated ACT2FN names")
+    p.add_argument("--baseline_seeds", default="1337,2,3",
+                   help="seeds of the baseline runs; the first one also seeds every other variant")
+    p.add_argument("--max_steps", type=int, default=0, help="steps per run (default: the tiny preset's 300)")
+    p.add_argument("--work_dir", default=None, help="where the runs go (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
+    args = p.parse_args(argv)
+    for name in ("positions", "norms", "activations"):
+        setattr(args, name, getattr(args, name).split(","))
+    args.baseline_seeds = [int(s) for s in args.baseline_seeds.split(",")]
+    with tempfile.TemporaryDirectory(prefix="minigpt-variants-") as tmp:
+        args.work_dir = args.work_dir or tmp
+        payload = run(args)
+    env = environment("cpu")
+    out = Path(args.out) if args.out else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date'][:10]}-variants-cpu-tiny"
+    (out / f"{stem}.json").write_text(json.dumps({"benchmark": "variants", **env, **payload}, indent=2) + "\n")
+    text = f"### variants: tiny preset on {env['device']} (cpu)\n\n{env['date']}, torch {env['torch']}, " \
+           f"transformers {env['transformers']}\n\n{table(payload)}\n"  # fmt: skip
+    (out / f"{stem}.md").write_text(text)
+    print("\n" + text)
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
