@@ -172,3 +172,14 @@ else:
     settings.register_profile("ci", max_examples=50, **_common)
     settings.register_profile("long", max_examples=1000, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_debug_hooks():
+    """Drop the MINIGPT_DEBUG_* variables a test set. monkeypatch.setenv alone does not: datasets' Dataset.map with
+    num_proc rebinds os.environ to a deep copy (datasets 5.2, arrow_dataset.py, `os.environ = prev_env`), so the
+    undo deletes from the old object and a hook such as rank dumps stays on for every later in-process run."""
+    before = {k for k in os.environ if k.startswith("MINIGPT_DEBUG_")}
+    yield
+    for name in [k for k in os.environ if k.startswith("MINIGPT_DEBUG_") and k not in before]:
+        del os.environ[name]

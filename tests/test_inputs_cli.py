@@ -58,7 +58,9 @@ def usage_error(argv: list[str], capsys) -> str:
         ("--report_to bogus", "--report_to 'bogus' is not an accelerate tracker; use one of ["),
         ("--push_to_hub", "--push_to_hub needs --hub_model_id user/name."),
         ("--push_to_hub --hub_model_id=bad_id!", "--hub_model_id 'bad_id!' is not a Hub repo id"),
-        ("--resume /nonexistent/step-3", "--resume '/nonexistent/step-3' is not a checkpoint"),
+        ("--resume /nonexistent/step-3", "--resume '/nonexistent/step-3' is not a checkpoint: there is no folder"),
+        # a misspelled --output_dir is nothing to resume, never a silent fresh start
+        ("--resume latest --output_dir /nonexistent/run", "there is no folder /nonexistent/run, so nothing to resume"),
         ("--config no-such-preset", "--config 'no-such-preset' is neither a file nor a preset; presets: ["),
         # the model (MiniGPTConfig's own checks, and argparse's choices)
         ("--block_size 64 --n_positions 32", "--block_size 64 is larger than the model's n_positions 32"),
@@ -94,7 +96,6 @@ def test_each_bad_value_is_a_usage_error_with_its_own_message(capsys, argv, mess
         "--dropout 0.0",
         f"--seed {2**32 - 1}",
         "--learning_rate 6e-4 --min_learning_rate 6e-4",
-        "--resume latest",  # starts fresh where there is no checkpoint yet
         "--push_to_hub --hub_model_id alice/tiny",
         "--block_size 1024 --n_positions 2048",
         "--max_grad_norm 0 --warmup_steps 0 --eval_every 0 --save_every 0",

@@ -7,6 +7,8 @@ Every run calls `train.pretrain.main(argv)` in this process (no import cost).
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,9 +271,99 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwriting(corp
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
 
 
-def test_resume_latest_without_checkpoint_starts_fresh(corpus, tmp_path, capsys):
-    result = main(tiny_args(corpus, tmp_path / "new", "--max_steps", 2, "--resume", "latest"))
-    assert result["step"] == 2 and "starting from scratch" in capsys.readouterr().out
+def test_resume_alone_continues_with_the_saved_arguments(corpus, tmp_path, capsys):
+    """`--resume OUTDIR` and nothing else continues the run exactly (nanoGPT's and litgpt's resume): the data,
+    model and schedule come from the checkpoint's train_state.json."""
+    a, b = tmp_path / "uninterrupted", tmp_path / "resumed"
+    common = ("--max_steps", 5, "--dropout", 0.1, "--seed", 3)
+    main(tiny_args(corpus, a, *common))
+    main(tiny_args(corpus, b, *common, "--stop_at_step", 2))
+    capsys.readouterr()
+    result = main(["--resume", str(b)])
+    out = capsys.readouterr().out
+    assert result["status"] == "done" and result["step"] == 5
+    assert f"Resumed from {b / 'checkpoints' / 'step-2'} at step 2" in out
+    assert "overrides" not in out and "changed on resume" not in out  # nothing given, nothing overridden
+    assert losses(b) == losses(a)
+    assert_same_weights(a, b)
+
+
+def test_resume_prints_each_override_and_announces_a_schedule_change(corpus, tmp_path, capsys):
+    out = tmp_path / "r"
+    main(tiny_args(corpus, out, "--max_steps", 4, "--stop_at_step", 3))
+    capsys.readouterr()
+    main(["--resume", str(out / "checkpoints" / "step-3"), "--max_steps", "8", "--log_every", "2"])
+    text = capsys.readouterr().out
+    assert "resume: --max_steps 8 overrides the checkpoint's 4" in text
+    assert "resume: --log_every 2 overrides the checkpoint's 1" in text
+    lr_then = get_lr(3, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=4)
+    lr_now = get_lr(3, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=8)
+    assert (
+        f"schedule: changed on resume (max_steps 4 -> 8): the learning rate of step 4 is {lr_now:.3g}, where the "
+        f"checkpoint's schedule had {lr_then:.3g}" in text
+    )
+    assert text.index("changed on resume") < text.index("step 4 | loss")
+    assert sorted(losses(out)) == [1, 2, 3, 4, 6, 8]
+
+
+def test_resume_is_checked_before_any_data_preparation(corpus, tmp_path, capsys):
+    """A model or data argument that differs from the checkpoint's is refused before the corpus is tokenized."""
+    out, other = tmp_path / "r", write_txt(tmp_path / "other.txt", make_corpus(30, seed=1))
+    main(tiny_args(corpus, out, "--max_steps", 4, "--stop_at_step", 2))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", str(out), "--data", str(other)])
+    assert f"data.data: ['{corpus}'] -> ['{other}']" in str(e.value.code)
+    assert "tokenized" not in capsys.readouterr().out  # refused before prepare_data's first line
+
+
+def test_resume_with_nothing_to_resume_is_an_error(corpus, tmp_path, capsys):
+    """A misspelled folder or one without checkpoints is an error that says so, never a silent fresh start."""
+    (tmp_path / "empty").mkdir()
+    for resume in ("latest", str(tmp_path / "empty"), str(tmp_path / "typo")):
+        message = error_of(tiny_args(corpus, tmp_path / "empty", "--max_steps", 2, "--resume", resume), capsys)
+        assert "nothing to resume" in message, resume
+    assert not (tmp_path / "typo").exists()
+
+
+def test_an_earlier_runs_final_model_never_stays_beside_a_new_run(corpus, tmp_path, capsys):
+    """--overwrite_output_dir removes the earlier run's final model too: a new run that stops early leaves none, and
+    a folder with only a final model (its checkpoints deleted) is an earlier run all the same."""
+    out = tmp_path / "twice"
+    main(tiny_args(corpus, out, "--max_steps", 3))
+    result = main(tiny_args(corpus, out, "--max_steps", 4, "--stop_at_step", 2, "--overwrite_output_dir"))
+    assert result["status"] == "stopped"
+    final_model = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json")
+    assert not [name for name in final_model if (out / name).exists()]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert sorted(losses(out)) == [1, 2]
+    main(tiny_args(corpus, out, "--max_steps", 2, "--overwrite_output_dir"))
+    shutil.rmtree(out / "checkpoints")
+    message = error_of(tiny_args(corpus, out, "--max_steps", 2), capsys)
+    assert "already holds the final model (model.safetensors) of an earlier run" in message
+
+
+def test_a_warmup_as_long_as_the_run_is_announced_before_the_first_step(corpus, tmp_path, capsys):
+    main(tiny_args(corpus, tmp_path / "w", "--max_steps", 3, "--warmup_steps", 3))
+    text = capsys.readouterr().out
+    assert "warning: --warmup_steps 3 >= --max_steps 3: the learning rate rises the whole run" in text
+    assert text.index("warning: --warmup_steps") < text.index("step 1 | loss")
+    main(tiny_args(corpus, tmp_path / "ok", "--max_steps", 3, "--warmup_steps", 2))
+    assert "warning: --warmup_steps" not in capsys.readouterr().out
+
+
+def test_each_log_line_is_printed_once(corpus, tmp_path):
+    """A real process, stdout and stderr apart (the progress bar goes to stderr): every record once, on stdout."""
+    argv = tiny_args(corpus, tmp_path / "once", "--max_steps", 4, "--eval_every", 2, "--report_to", "tensorboard")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "train.pretrain", *argv]
+    proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    for step in range(1, 5):
+        assert sum(line.startswith(f"step {step} | loss") for line in lines) == 1, proc.stdout
+    assert sum(line.startswith("step 2 | val_loss") for line in lines) == 1, proc.stdout
+    assert "| loss" not in proc.stderr
 
 
 def test_shipped_accelerate_configs_load():

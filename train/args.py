@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 from modeling_minigpt import MiniGPTConfig
 from modeling_minigpt.configuration_minigpt import NORM_POSITIONS, POSITION_EMBEDDING_TYPES
-from train.checkpoints import is_checkpoint
+from train.checkpoints import is_checkpoint, latest_checkpoint
 from train.data import DataArguments, DataError, check_data_arguments
 from train.tokenizer import special_token_ids
 
@@ -100,8 +100,10 @@ class TrainArguments:
     keep_last: int = arg(3, "Checkpoints to keep in <output_dir>/checkpoints (>= 1).")
     resume: str | None = arg(
         None,
-        "'latest' (the highest complete <output_dir>/checkpoints/step-N; starts fresh if there is none) or the "
-        "path of a step-N folder. Continues with the same data order, RNG and schedule.",
+        "An output folder (its latest complete checkpoints/step-N), the path of a step-N folder, or 'latest' (that "
+        "of --output_dir). Alone it continues the run with the checkpoint's arguments, the same data order, RNG and "
+        "schedule; flags given with it override the saved values (each override is printed; model and data ones "
+        "are refused). An error where there is nothing to resume.",
     )
     stop_at_step: int = arg(
         0,
@@ -229,6 +231,13 @@ def parse_args(
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         model_args, data_args, train_args = read_arguments(parser, argv, _config_path(parser, argv))
+        if train_args.resume:  # again, over the checkpoint's arguments instead of the defaults
+            checkpoint = find_resume_checkpoint(train_args.resume, train_args.output_dir)
+            parser.set_defaults(**resume_defaults(parser, checkpoint))
+            model_args, data_args, train_args = read_arguments(parser, argv, _config_path(parser, argv))
+            train_args.resume = str(checkpoint)
+    except UsageError as e:
+        parser.error(str(e))
     except ConfigError as e:
         parser.error(str(e))
     except ValueError as e:  # stray tokens: HfArgumentParser raises where argparse would report a usage error
@@ -238,6 +247,44 @@ def parse_args(
     except (UsageError, DataError) as e:
         parser.error(str(e))
     return model_args, data_args, train_args
+
+
+NOT_RESUMED = ("resume", "overwrite_output_dir", "stop_at_step", "config")  # what one invocation says, never saved
+
+
+def find_resume_checkpoint(resume: str, output_dir: str) -> Path:
+    """The step-N folder that --resume names: itself, the latest in <folder>/checkpoints (or in <folder>), or with
+    'latest' the latest of <output_dir>/checkpoints. UsageError where there is nothing to resume."""
+    path = Path(output_dir if resume == "latest" else resume).expanduser().resolve()
+    if is_checkpoint(path):
+        return path
+    if not path.is_dir():
+        raise UsageError(
+            f"--resume {resume!r} is not a checkpoint: there is no folder {path}, so nothing to resume. Pass an "
+            "output folder or a step-N folder of an earlier run, or leave --resume out to start a new one."
+        )
+    found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    if found is None:
+        raise UsageError(
+            f"--resume {resume!r}: there is nothing to resume in {path} (no complete checkpoints/step-N folder "
+            "with train_state.json). Check the path, or leave --resume out to start a new run."
+        )
+    return found
+
+
+def resume_defaults(parser: HfArgumentParser, checkpoint: Path) -> dict:
+    """The arguments the run of `checkpoint` was started with, as parser defaults (flags still override them);
+    --output_dir defaults to the folder that holds checkpoints/step-N."""
+    try:
+        saved = json.loads((checkpoint / "train_state.json").read_text())["args"]
+        values = {k: v for group in saved.values() for k, v in group.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {checkpoint / 'train_state.json'} is unreadable ({e!r}).") from None
+    known = {f.name for dc in parser.dataclass_types for f in fields(dc)} - set(NOT_RESUMED)
+    values = {k: v for k, v in values.items() if k in known}
+    if checkpoint.parent.name == "checkpoints":
+        values["output_dir"] = str(checkpoint.parent.parent)
+    return values
 
 
 def _config_path(parser: HfArgumentParser, argv: list[str]) -> Path | None:
@@ -311,11 +358,6 @@ def _check_model_and_outputs(model: ModelArguments, data: DataArguments, train: 
             validate_repo_id(train.hub_model_id)
         except ValueError as e:  # HFValidationError; caught now, not after the whole run
             problems.append(f"--hub_model_id {train.hub_model_id!r} is not a Hub repo id ({e}). Use user/name.")
-    if train.resume and train.resume != "latest" and not is_checkpoint(Path(train.resume).expanduser()):
-        problems.append(
-            f"--resume {train.resume!r} is not a checkpoint (a step-N folder with train_state.json "
-            f"written by this script). Use --resume latest or a path like <output_dir>/checkpoints/step-500."
-        )
     return problems
 
 

@@ -4,6 +4,9 @@
     <output_dir>/checkpoints/step-<N>/   accelerate save_state + train_state.json + config, code and tokenizer
     <output_dir>/checkpoints/.tmp-step-<N>/, .old-step-<N>/   an interrupted save's leftovers, removed at the start
 
+--overwrite_output_dir moves an earlier run's outputs (RUN_OUTPUTS, final weights first) into <output_dir>/.overwritten
+and deletes it there; a leftover of a crash halfway is deleted at the next start.
+
 A save writes `.tmp-step-N` and renames it to `step-N` only once every process has written its part, so a folder
 named step-N is always complete; SIGTERM/SIGINT set a flag that the loop reads after its current optimizer step.
 """
@@ -21,16 +24,45 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError, safe_open
 
+# What a run writes into <output_dir>, weights first: --overwrite_output_dir moves these out of the way in this order
+# (each a rename), so that a crash halfway leaves no earlier run's final weights beside a new run's files.
+RUN_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "*.py",
+               "tokenizer*.json", "special_tokens_map.json", "checkpoints", "log.jsonl", "loss.png", "tensorboard",
+               "debug")  # fmt: skip
+
 
 def prepare_checkpoint_root(
     accelerator: Accelerator, out: Path, resume: str | None, overwrite: bool
 ) -> tuple[Path, Path | None]:
-    """Create <out>/checkpoints, clear an interrupted save's leftovers and refuse to mix two runs there.
+    """Create <out>/checkpoints, clear an interrupted save's leftovers and refuse to mix two runs there: an earlier
+    run's checkpoints or final model are refused, or with `overwrite` removed, final model first.
 
-    Returns the folder and the checkpoint to resume from (None for a fresh start).
+    `resume` is the step-N folder to continue (train.args resolves --resume to it), or None for a fresh start;
+    returns the checkpoint folder and that step-N folder.
     """
-    ckpt_root = out / "checkpoints"
+    ckpt_root, trash = out / "checkpoints", out / ".overwritten"
+    earlier = latest_checkpoint(ckpt_root)
+    final_model = next((p for p in (out / "model.safetensors", out / "config.json") if p.is_file()), None)
+    accelerator.wait_for_everyone()  # every process has looked before the main one clears anything
+    if (earlier or final_model) and not resume:
+        if not overwrite:
+            what = (
+                f"checkpoints of an earlier run (latest: {earlier.name})" if earlier
+                else f"the final model ({final_model.name}) of an earlier run"
+            )  # fmt: skip
+            resume_hint = f"--resume {out} to continue it, " if earlier else ""
+            raise SystemExit(
+                f"pretrain: error: {out if not earlier else ckpt_root} already holds {what}. Pass {resume_hint}"
+                "--overwrite_output_dir to delete it and start over, or another --output_dir."
+            )
+        if accelerator.is_main_process:
+            print(f"--overwrite_output_dir: deleting the earlier run's final model, checkpoints and log in {out}.")
+            trash.mkdir(exist_ok=True)
+            for pattern in RUN_OUTPUTS:
+                for path in sorted(out.glob(pattern)):
+                    os.rename(path, trash / path.name)
     if accelerator.is_main_process:
+        shutil.rmtree(trash, ignore_errors=True)  # this run's, or one a crash left halfway
         try:
             ckpt_root.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # read-only or full disk, a file in the way: say so before any data work
@@ -40,28 +72,8 @@ def prepare_checkpoint_root(
         for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".old-step-*")]:
             print(f"Removing the incomplete checkpoint folder {stale} left by an interrupted save.")
             shutil.rmtree(stale, ignore_errors=True)
-    earlier = latest_checkpoint(ckpt_root)
-    if earlier is not None and not resume:
-        if not overwrite:
-            raise SystemExit(
-                f"pretrain: error: {ckpt_root} already holds checkpoints of an earlier run (latest: "
-                f"{earlier.name}). Pass --resume latest to continue it, --overwrite_output_dir to delete "
-                "them and start over, or another --output_dir."
-            )
-        if accelerator.is_main_process:
-            print(f"--overwrite_output_dir: deleting the earlier run's checkpoints and log in {out}.")
-            shutil.rmtree(ckpt_root)
-            ckpt_root.mkdir()
-            (out / "log.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    resume_from = None
-    if resume == "latest":
-        resume_from = latest_checkpoint(ckpt_root)
-        if resume_from is None:
-            accelerator.print(f"--resume latest: no checkpoint in {ckpt_root} yet, starting from scratch.")
-    elif resume:
-        resume_from = Path(resume).expanduser().resolve()
-    return ckpt_root, resume_from
+    return ckpt_root, Path(resume).expanduser().resolve() if resume else None
 
 
 def is_checkpoint(path: Path) -> bool:

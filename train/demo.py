@@ -1,15 +1,18 @@
 """`make demo`: pretrain the `tiny` preset on the built-in corpus on CPU, then show what the model learned.
 
     python -m train.demo [--output_dir runs/demo] [any train.pretrain flag, e.g. --max_steps 200]
+    python -m train.demo [--output_dir runs/demo] --resume     # continue an interrupted demo, then report
 
 It trains (train/configs/presets/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its perplexity
 on the whole validation split (train.pretrain.validate, as training does) next to the unigram perplexity of the same
 tokenizer on the same split (the best any model without context can do), prints a greedy, a top-k and a top-p
 sample, and points at the loss curve and the checkpoint. It exits 1 if the model does not reach at most half the
-unigram perplexity.
+unigram perplexity. A new demo starts over (--overwrite_output_dir: the earlier run's model, checkpoints and log go);
+interrupted (Ctrl-C), it reports no numbers, says how to continue, and exits 130.
 """
 
 import argparse
+import shlex
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 
 from train import generate, pretrain
 from train.args import parse_args
-from train.checkpoints import load_pretrained
+from train.checkpoints import latest_checkpoint, load_pretrained
 from train.data import prepare_data, unigram_perplexity
 
 BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
@@ -26,10 +29,23 @@ BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output_dir", default="runs/demo", help="Where the model, checkpoints and loss.png go.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the interrupted demo in --output_dir from its latest checkpoint, with its arguments.",
+    )
     args, extra = p.parse_known_args(argv)
     start = time.perf_counter()
-    train_argv = ["--config", "tiny", "--output_dir", args.output_dir, "--cpu", "--overwrite_output_dir", *extra]
-    result = pretrain.main(train_argv)
+    if args.resume:
+        train_argv = ["--resume", args.output_dir, *extra]
+    else:
+        train_argv = ["--config", "tiny", "--output_dir", args.output_dir, "--cpu", "--overwrite_output_dir", *extra]
+    try:
+        result = pretrain.main(train_argv)
+    except KeyboardInterrupt:  # before the loop's own handler (data preparation), or a second Ctrl-C
+        result = {"status": "interrupted", "output_dir": args.output_dir}
+    if result["status"] != "done":
+        raise SystemExit(interrupted(Path(result["output_dir"]), args.output_dir, extra))
     train_s = time.perf_counter() - start
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,6 +98,19 @@ def main(argv: list[str] | None = None) -> dict:
     if ratio > 0.5:
         raise SystemExit(f"demo: the model reached {ratio:.2f} of the unigram perplexity, not <= 0.5.")
     return summary
+
+
+def interrupted(out: Path, output_dir: str, extra: list[str]) -> int:
+    """Say that the demo stopped before its end, measured nothing, and how to go on; the exit status (130, Ctrl-C)."""
+    print("\n" + "=" * 100)
+    print("MiniGPT demo: interrupted before training finished; no perplexity, ratio or samples to report.")
+    if latest_checkpoint(out / "checkpoints") is not None:
+        print(f"continue:    python -m train.demo --output_dir {shlex.quote(output_dir)} --resume")
+    else:
+        again = shlex.join(["python", "-m", "train.demo", "--output_dir", output_dir, *extra])
+        print(f"no checkpoint was saved yet; start again: {again}")
+    print("=" * 100)
+    return 130
 
 
 if __name__ == "__main__":

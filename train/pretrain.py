@@ -2,6 +2,7 @@
 
     python -m train.pretrain --config tiny                      # CPU demo preset, built-in Shakespeare corpus
     python train/pretrain.py --data my_texts/ --output_dir runs/mine --max_steps 2000
+    python -m train.pretrain --resume runs/mine [--max_steps 4000]  # continue, with the saved arguments
     accelerate launch --config_file train/configs/accelerate/multi_gpu.yaml train/pretrain.py --config gpt2-124m ...
 
 Arguments come from the command line, from a YAML/JSON file (`--config FILE`, or a preset name from
@@ -41,7 +42,7 @@ from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
 from modeling_minigpt import MiniGPTForCausalLM
-from train.args import EXIT_NONFINITE, DebugHooks, TrainArguments, adapt_recipe, build_config, parse_args
+from train.args import EXIT_NONFINITE, NOT_RESUMED, DebugHooks, TrainArguments, adapt_recipe, build_config, parse_args
 from train.checkpoints import (
     check_state_files,
     install_signal_handlers,
@@ -117,6 +118,8 @@ def setup(argv: list[str] | None = None) -> Run:
     help_text = dict(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Faults:") :])
     model_args, data_args, args = parse_args(argv, **help_text)
     recipe_note = adapt_recipe(model_args, args)  # before saved_args: a resume derives the same schedule
+    saved_args = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args)}
+    resume_notes = check_resume(Path(args.resume), saved_args) if args.resume else []  # before any data work
     debug = DebugHooks.from_env()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
@@ -136,8 +139,9 @@ def setup(argv: list[str] | None = None) -> Run:
     out = Path(args.output_dir).expanduser().resolve()
     ckpt_root, resume_from = prepare_checkpoint_root(accelerator, out, args.resume, args.overwrite_output_dir)
 
-    if recipe_note:
-        accelerator.print(recipe_note)
+    for note in [recipe_note, *resume_notes, warmup_warning(args)]:
+        if note:
+            accelerator.print(note)
     set_seed(args.seed)
     with accelerator.local_main_process_first():  # the local main tokenizes and caches; the others load the cache
         try:
@@ -160,11 +164,8 @@ def setup(argv: list[str] | None = None) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     state = LoopState()
-    saved_args = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args)}
     if resume_from is not None:
         saved = json.loads((resume_from / "train_state.json").read_text())
-        check_resume_compatible(saved["args"], saved_args, resume_from)
-        check_state_files(resume_from)
         accelerator.load_state(str(resume_from))
         state = LoopState(**saved["state"])  # the LR is get_lr(step): an older file's "scheduler" entry goes unread
         accelerator.print(
@@ -193,6 +194,50 @@ def setup(argv: list[str] | None = None) -> Run:
     )  # fmt: skip
     print_summary(run, data_args.block_size)
     return run
+
+
+# get_lr's arguments, by their TrainArguments names
+SCHEDULE = {"learning_rate": "max_lr", "min_learning_rate": "min_lr", "warmup_steps": "warmup_steps",
+            "max_steps": "max_steps"}  # fmt: skip
+
+
+def check_resume(checkpoint: Path, now: dict) -> list[str]:
+    """Refuse a resume that cannot continue `checkpoint` (model or data changed, a damaged state file), before any
+    data work; return the lines to print: each argument the command line overrides, and a schedule change."""
+    saved = json.loads((checkpoint / "train_state.json").read_text())
+    check_resume_compatible(saved["args"], now, checkpoint)
+    check_state_files(checkpoint)
+    step, before, after = saved["state"]["step"], saved["args"]["train"], now["train"]
+
+    def same(k: str) -> bool:  # an output_dir saved relative to where that run started counts as the same folder
+        return before[k] == after[k] or (k == "output_dir" and Path(before[k]).resolve() == Path(after[k]).resolve())
+
+    notes = [
+        f"resume: --{k} {after[k]} overrides the checkpoint's {before[k]}"
+        for k in after
+        if k in before and k not in NOT_RESUMED and not same(k)
+    ]
+    changed = [k for k in SCHEDULE if k in before and not same(k)]
+    if changed:
+        lr_then = get_lr(step, **{SCHEDULE[k]: before.get(k, after[k]) for k in SCHEDULE})
+        lr_now = get_lr(step, **{SCHEDULE[k]: after[k] for k in SCHEDULE})
+        notes.append(
+            f"schedule: changed on resume ({', '.join(f'{k} {before[k]} -> {after[k]}' for k in changed)}): the "
+            f"learning rate of step {step + 1} is {lr_now:.3g}, where the checkpoint's schedule had {lr_then:.3g}"
+        )
+    return notes
+
+
+def warmup_warning(args: TrainArguments) -> str | None:
+    """A line to print where the warmup covers the whole run: the LR then only rises, and never decays."""
+    if args.warmup_steps < args.max_steps:
+        return None
+    last_lr = get_lr(args.max_steps - 1, args.learning_rate, args.min_learning_rate, args.warmup_steps, args.max_steps)
+    return (
+        f"warning: --warmup_steps {args.warmup_steps} >= --max_steps {args.max_steps}: the learning rate rises the "
+        f"whole run, to {last_lr:.3g} at the last step, and never reaches --learning_rate {args.learning_rate:g} or "
+        "decays. Lower --warmup_steps or raise --max_steps."
+    )
 
 
 def check_resume_compatible(saved: dict, now: dict, path: Path) -> None:
@@ -298,7 +343,8 @@ def fit(run: Run) -> dict:
                     else f"--stop_at_step {a.stop_at_step}"
                 )  # fmt: skip
                 accelerator.print(
-                    f"Stopped at step {step} on {why}; last checkpoint {last_saved}. Continue with --resume latest."
+                    f"Stopped at step {step} on {why}; last checkpoint {last_saved}. Continue with: "
+                    f"python -m train.pretrain --resume {run.out}"
                 )
                 status = "stopped"
                 break
@@ -469,7 +515,7 @@ class NonFiniteLoss(SystemExit):
         super().__init__(EXIT_NONFINITE)
         self.message = (
             f"pretrain: error: {what} at step {step}; stopping. {where}. Resume with "
-            f"--resume latest and a lower --learning_rate, {fix}."
+            f"--resume {last_good or '<output_dir>'} and a lower --learning_rate, {fix}."
         )
 
 
@@ -542,7 +588,7 @@ def save_final(run: Run) -> None:
         except (OSError, RuntimeError, SafetensorError) as e:  # a full disk is any of the three (see save_checkpoint)
             raise SystemExit(
                 f"pretrain: error: could not write the final model to {out}: {e}. The last checkpoint "
-                f"in {run.ckpt_root} is intact; free space or fix permissions, then --resume latest."
+                f"in {run.ckpt_root} is intact; free space or fix permissions, then --resume {out}."
             )
         accelerator.print(f"Saved the final model, tokenizer and generation config to {out}.")
     accelerator.wait_for_everyone()
