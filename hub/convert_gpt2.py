@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedC
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from train.checkpoints import load_pretrained
+from train.tokenizer import check_local_path
 
 logger = logging.getLogger("hub.convert_gpt2")
 
@@ -159,6 +160,7 @@ def config_to_gpt2(config: MiniGPTConfig) -> GPT2Config:
 
 def _read_config(src: str) -> dict:
     """config.json of a local folder or a Hub repo, as a dict, with errors that say what was expected."""
+    check_local_path(src, "folder", "src")  # a typo'd local path fails now, not after a minute of Hub retries
     if Path(src).exists() and not (Path(src) / "config.json").is_file():
         raise FileNotFoundError(
             f"{src} has no config.json; point at a folder written by save_pretrained (or a Hub model id)."

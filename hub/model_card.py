@@ -90,10 +90,31 @@ def read_training_info(folder: Path) -> dict:
             values = [r[key] for r in records if r.get(key) is not None]
             if values:
                 raw.setdefault(key, max(values))
+    # a train.pretrain checkpoint records {"state": ..., "args": ...}; its final folder holds them in checkpoints/
+    loop_path = Path(folder) / "train_state.json"
+    if not loop_path.is_file():
+        steps = sorted(Path(folder).glob("checkpoints/step-*/train_state.json"),
+                       key=lambda p: int(p.parent.name.split("-")[1]) if p.parent.name.split("-")[1].isdigit() else -1)
+        loop_path = steps[-1] if steps else loop_path
+    if loop_path.is_file():
+        loop = json.loads(loop_path.read_text())
+        args, state = loop.get("args") or {}, loop.get("state") or {}
+        data = (args.get("data") or {}).get("data")
+        if data:  # an absolute path would publish the trainer's home folder: its file name is enough
+            data = [Path(d).name if Path(d).is_absolute() else d for d in (data if isinstance(data, list) else [data])]
+            raw.setdefault("data", ", ".join(data))
+        train = args.get("train") or {}
+        for ours, value in (("learning_rate", train.get("learning_rate")), ("step", state.get("step")),
+                            ("tokens_seen", state.get("tokens_seen"))):
+            if value is not None:
+                raw.setdefault(ours, value)
     state_path = Path(folder) / "trainer_state.json"
     if state_path.is_file():
         state = json.loads(state_path.read_text())
         history = state.get("log_history") or []
+        rates = [entry["learning_rate"] for entry in history if entry.get("learning_rate") is not None]
+        if rates:  # the peak: the schedule's value at the last log is far below it after a decay
+            raw.setdefault("learning_rate", max(rates))
         for key in ("loss", "eval_loss", "train_runtime", "train_loss"):
             values = [entry[key] for entry in history if key in entry]
             if values:
@@ -131,15 +152,19 @@ def build_model_card(
     folder: str | Path,
     repo_id: str,
     *,
-    license: str = "mit",
+    license: str | None = None,
     datasets: list[str] | None = None,
     tags: list[str] | None = None,
     revision: str | None = None,
+    records: str | Path | None = None,
 ) -> ModelCard:
-    """The model card for the MiniGPT checkpoint in `folder`, to be published as `repo_id`."""
+    """The model card for the MiniGPT checkpoint in `folder`, to be published as `repo_id`. `license` is a Hub
+    license id (mit, apache-2.0, cc-by-4.0, ...); None writes `license: other` and a body line asking the owner
+    to choose one, since only they know what the weights and data allow. `records`: the folder whose training
+    records to read, if not `folder` (hub.push builds the card on a staged copy that has no sub-folders)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    info = read_training_info(folder)
+    info = read_training_info(Path(records) if records is not None else folder)
     n_params, dtype = count_parameters(folder)
     name = repo_id.split("/")[-1]
     datasets = list(dict.fromkeys([*(datasets or []), *(info.get("datasets") or [])]))  # ordered, no duplicates
@@ -171,18 +196,91 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
-        license=license,
+        license=license or "other",
         tags=["minigpt", "gpt", "causal-lm", "text-generation", "custom_code", *(tags or [])],
         datasets=datasets or None,  # the Hub rejects `datasets: [null]`, so leave the key out when unknown
         model_name=name,
         eval_results=eval_results,
         base_model=info.get("base_model"),
     )
-    body = _body(name, repo_id, config, info, n_params, dtype, _images(folder), revision)
+    template = read_prompt_template(folder)
+    body = _body(name, repo_id, config, info, n_params, dtype, _images(folder), revision, template, license)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{GENERATED_MARKER}\n\n{body}")
 
 
-def _body(name, repo_id, config, info, n_params, dtype, images, revision) -> str:
+def read_prompt_template(folder: Path) -> dict | None:
+    """The prompt template that supervised fine-tuning saved (train/pairs.py TEMPLATE_FILE), as a dict."""
+    path = Path(folder) / "prompt_template.json"  # train.pairs.TEMPLATE_FILE; read as JSON so hub/ needs no torch
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _usage_with_template(repo_id: str, rev: str, template: dict) -> list[str]:
+    """How to prompt a model fine-tuned on pairs: the exact template, and a pipeline call that follows it."""
+    prompt_template, separator = template.get("prompt_template", "{prompt}"), template.get("separator", "\n")
+    example = prompt_template.replace("{prompt}", "YOUR PROMPT") + separator
+    bos = ("The tokenizer adds the BOS token the model was trained with (`tokenizer(text)` does; "
+           "`add_special_tokens=False` would drop it). " if template.get("add_bos", True) else "")
+    return [
+        "This model was fine-tuned on prompt/answer pairs. Write each prompt exactly as in training:",
+        "",
+        "```text",
+        f"{example}",
+        "```",
+        "",
+        f"that is, the template `{prompt_template!r}` with your prompt in place of `{{prompt}}`, followed by the "
+        f"separator `{separator!r}`; the model then writes the answer and stops. " + bos
+        + "`generation_config.json` decodes greedily by default.",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'generator = pipeline("text-generation", model="{repo_id}", trust_remote_code=True{rev})',
+        f"prompt = {prompt_template!r}.replace(\"{{prompt}}\", \"YOUR PROMPT\") + {separator!r}",
+        'print(generator(prompt, return_full_text=False)[0]["generated_text"])',
+        "```",
+        "",
+        "With `generate` (the same prompt; `tokenizer(prompt)` adds what training added):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True{rev})',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True{rev})',
+        'inputs = tokenizer(prompt, return_tensors="pt")',
+        "output = model.generate(**inputs, max_new_tokens=40)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
+
+
+def _usage_plain(repo_id: str, rev: str) -> list[str]:
+    return [
+        "With a `pipeline`:",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'generator = pipeline("text-generation", model="{repo_id}", trust_remote_code=True{rev})',
+        'print(generator("To be, or not to be", max_new_tokens=40)[0]["generated_text"])',
+        "```",
+        "",
+        "With `generate`:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True{rev})',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True{rev})',
+        'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
+        "output = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=50, temperature=0.8)",
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        "```",
+        "",
+    ]
+
+
+def _body(name, repo_id, config, info, n_params, dtype, images, revision, template=None, license=None) -> str:
     n_embd, n_layer, n_head = config["n_embd"], config["n_layer"], config["n_head"]
     tied = config.get("tie_word_embeddings", True)
     positions = config.get("position_embedding_type", "learned")
@@ -240,30 +338,14 @@ def _body(name, repo_id, config, info, n_params, dtype, images, revision) -> str
     for image in images:
         alt = "Training and validation loss" if "loss" in image.lower() else Path(image).stem.replace("_", " ")
         lines += [f"![{alt}]({image})", ""]
+    if not license:
+        note = ("Not chosen yet: the owner of this repository has not set a license (`license: other`). Ask them "
+                "before reusing the weights.")
+        lines += ["## License", "", note, ""]
     lines += [
         "## How to use",
         "",
-        "With a `pipeline`:",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'generator = pipeline("text-generation", model="{repo_id}", trust_remote_code=True{rev})',
-        'print(generator("To be, or not to be", max_new_tokens=40)[0]["generated_text"])',
-        "```",
-        "",
-        "With `generate`:",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True{rev})',
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True{rev})',
-        'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
-        "output = model.generate(**inputs, max_new_tokens=40, do_sample=True, top_k=50, temperature=0.8)",
-        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
-        "```",
-        "",
+        *(_usage_with_template(repo_id, rev, template) if template else _usage_plain(repo_id, rev)),
         "`trust_remote_code=True` runs the `modeling_minigpt.py` and `configuration_minigpt.py` files of this "
         "repository; read them first, as with any remote code (pin a `revision` to the commit you reviewed).",
         "",

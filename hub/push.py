@@ -1,7 +1,7 @@
 """Publish a MiniGPT checkpoint folder to the Hugging Face Hub, with a model card, loadable anywhere.
 
     python -m hub.push out/pretrain/final alice/minigpt-shakespeare [--private] [--revision dev]
-                       [--commit-message "..."] [--license mit] [--dataset ID] [--dry-run]
+                       [--commit-message "..."] [--license ID] [--dataset ID] [--dry-run]
 
 What gets pushed: the safetensors weights, config.json (with `auto_map`) and the modeling code, the tokenizer,
 generation_config.json, a generated README.md (see hub/model_card.py), images such as the loss curve and the
@@ -114,7 +114,7 @@ def push_folder(
     commit_message: str | None = None,
     token: str | None = None,
     dry_run: bool = False,
-    license: str = "mit",
+    license: str | None = None,
     datasets: list[str] | None = None,
 ) -> str:
     """Publish the MiniGPT checkpoint in `folder` as the Hub model repo `repo_id` (created if missing, on branch
@@ -154,7 +154,8 @@ def push_folder(
         if keep_readme:
             shutil.copyfile(readme, stage / "README.md")
         else:
-            card = build_model_card(stage, repo_id, license=license, datasets=datasets, revision=revision)
+            card = build_model_card(stage, repo_id, license=license, datasets=datasets, revision=revision,
+                                    records=folder)
             card.save(stage / "README.md")
         pushed = sorted(set(pushed) | {"README.md"})
 
@@ -230,7 +231,9 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--private", action="store_true", help="create the repo as private (if it doesn't exist)")
     parser.add_argument("--revision", "--branch", dest="revision", help="branch to push to (created from main)")
     parser.add_argument("--commit-message", default=None, help=f"default: {DEFAULT_COMMIT_MESSAGE!r}")
-    parser.add_argument("--license", default="mit", help="license id for the card metadata (default: mit)")
+    parser.add_argument("--license", default=None,
+                        help="Hub license id for the card metadata (mit, apache-2.0, cc-by-4.0, ...); default: "
+                        "'other', with a note that no license was chosen yet")
     parser.add_argument("--dataset", action="append", default=None, help="Hub dataset id for the card; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the file list and the card; no network")
     args = parser.parse_args(argv)

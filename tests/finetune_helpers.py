@@ -54,7 +54,7 @@ def qa_text_file(path: Path, rows: list[dict]) -> Path:
 def run(*args, **options) -> "finetune.Trainer":
     """finetune.main in this process, with the flags every test wants (CPU, quiet, no reporting)."""
     argv = [str(a) for a in args]
-    defaults = {"--use_cpu": "true", "--report_to": "none", "--disable_tqdm": "true", "--seed": "0"}
+    defaults = {"--use_cpu": "true", "--report_to": "none", "--disable_tqdm": "true", "--seed": "0", "--threads": "1"}
     for key, value in {**defaults, **{f"--{k}": v for k, v in options.items()}}.items():
         if key not in argv:
             argv += [key, str(value)]

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -278,3 +279,16 @@ def test_converts_a_hub_id(hub, tmp_path, tokenizer):
     assert (tmp_path / "mini" / "tokenizer.json").is_file()
     downloads = [path for method, path, status in hub.requests if method == "GET" and status == 200]
     assert any(path.endswith("/model.safetensors") for path in downloads), hub.requests
+
+
+@pytest.mark.parametrize("typo", ["./gtp2", "models/gtp2", "{tmp}/gtp2"])
+def test_a_misspelled_local_path_fails_at_once_without_asking_the_hub(tmp_path, monkeypatch, typo):
+    """A path that looks local and does not exist is a typo: "no such folder" at once, not a minute of Hub retries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    start = time.perf_counter()
+    for reverse in ([], ["--reverse"]):
+        with pytest.raises(SystemExit, match="no such folder"):
+            main([typo.format(tmp=tmp_path), str(tmp_path / "out"), *reverse])
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out").exists()

@@ -127,7 +127,7 @@ def test_strided_perplexity_of_a_long_text_matches_the_guide_loop(folders, long_
 def test_compare_prints_both_models_side_by_side(folders, long_text, tmp_path, capsys):
     out = tmp_path / "results.json"
     results = lm_eval.main([str(folders["minigpt"]), "--data", str(long_text), "--compare", str(folders["gpt2"]),
-                            "--stride", "16", "--output_json", str(out)])  # fmt: skip
+                            "--stride", "16", "--output_json", str(out), "--threads", "1"])  # fmt: skip
     table = capsys.readouterr().out
     header = next(line for line in table.splitlines() if "minigpt" in line)
     assert "gpt2" in header
@@ -173,10 +173,49 @@ def test_pairs_from_the_command_line_by_path(folders, tmp_path):
 
 
 def test_bad_evaluation_input_is_refused(folders, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a folder"):
-        lm_eval.main([str(tmp_path / "missing"), "--data", str(EN_FR)])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        lm_eval.main([str(tmp_path / "missing"), "--data", str(EN_FR), "--threads", "1"])
     with pytest.raises(ValueError, match="lacks 'question'"):
-        lm_eval.main([str(folders["gpt2"]), "--data", str(EN_FR), "--mode", "pairs", "--prompt_field", "question"])
+        lm_eval.main([str(folders["gpt2"]), "--data", str(EN_FR), "--mode", "pairs", "--prompt_field", "question",
+                      "--threads", "1"])  # fmt: skip
     model, tokenizer = lm_eval.load_model(str(folders["minigpt"]))
     with pytest.raises(ValueError, match="The text is empty"):
         lm_eval.text_metrics(model, tokenizer, [""])
+
+
+def test_compare_labels_each_models_sample(folders, capsys):
+    lm_eval.main([str(folders["minigpt"]), "--data", str(EN_FR), "--compare", str(folders["gpt2"]), "--max_new_tokens",
+                  "3", "--batch_size", "50", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "samples: minigpt | gpt2" in out
+    sample = next(line for line in out.splitlines() if "(reference 'bonjour')" in line)
+    assert "minigpt: '" in sample and " | gpt2: '" in sample, sample
+
+
+def test_a_model_folder_without_a_tokenizer_says_so_and_names_the_option(folders, tmp_path):
+    bare = tmp_path / "bare"
+    GPT2LMHeadModel.from_pretrained(folders["gpt2"]).save_pretrained(bare)
+    with pytest.raises(ValueError, match="has no tokenizer") as e:
+        lm_eval.main([str(bare), "--data", str(EN_FR), "--threads", "1"])
+    assert "--tokenizer DIR" in str(e.value) and "sentencepiece" not in str(e.value)
+    [result] = lm_eval.main([str(bare), "--data", str(EN_FR), "--tokenizer", str(folders["gpt2"]), "--max_new_tokens",
+                             "2", "--batch_size", "50", "--threads", "1"])  # fmt: skip
+    assert result["num_examples"] == len(read_jsonl(EN_FR))
+
+
+def test_pairs_with_other_field_names_say_how_to_evaluate_them_as_pairs(folders, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": r["prompt"], "response": r["answer"]}) + "\n"
+                            for r in read_jsonl(EN_FR)[:4]))  # fmt: skip
+    with pytest.raises(ValueError, match="looks like prompt/answer pairs") as e:
+        lm_eval.main([str(folders["gpt2"]), "--data", str(data), "--threads", "1"])
+    assert "--mode pairs --prompt_field question --answer_field response" in str(e.value)
+
+
+def test_threads_are_set_from_the_option(folders, long_text, capsys):
+    before = torch.get_num_threads()
+    try:
+        lm_eval.main([str(folders["minigpt"]), "--data", str(long_text), "--threads", "2"])
+        assert torch.get_num_threads() == 2 and "torch threads: 2" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

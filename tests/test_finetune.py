@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from finetune_helpers import (
     write_jsonl,
 )
 from hub_server import hub_env
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 from train import evaluation as lm_eval
 from train import finetune
@@ -261,7 +262,7 @@ for folder in sys.argv[1:]:
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 generate = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
-out = generate("<|bos|>hello\\n", max_new_tokens=8, do_sample=False, return_full_text=False)
+out = generate("hello\\n", max_new_tokens=8, return_full_text=False)  # the tokenizer adds BOS; greedy
 assert "modeling_minigpt" not in sys.modules
 print(json.dumps(out[0]["generated_text"]))
 """
@@ -446,3 +447,108 @@ def test_pretrain_then_finetune_lowers_held_out_perplexity(tmp_path):
           f"after fine-tuning (bits per byte {before['bits_per_byte']:.3f} -> {after['bits_per_byte']:.3f})")
     assert after["num_tokens"] == before["num_tokens"]
     assert after["perplexity"] < 0.8 * before["perplexity"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A supervised fine-tune, used the way its model card says
+# ---------------------------------------------------------------------------------------------------------------
+
+OPPOSITES = [
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"), ("open", "shut"),
+    ("day", "night"), ("light", "dark"), ("left", "right"), ("high", "low"), ("wet", "dry"), ("early", "late"),
+    ("full", "empty"), ("hard", "soft"), ("rich", "poor"), ("strong", "weak"), ("thick", "thin"), ("win", "lose"),
+    ("in", "out"), ("yes", "no"), ("push", "pull"), ("true", "false"), ("first", "last"), ("buy", "sell"),
+    ("near", "far"), ("long", "short"), ("happy", "sad"), ("loud", "quiet"), ("clean", "dirty"), ("love", "hate"),
+]  # fmt: skip
+
+CARD_PIPELINE = """
+import json, sys
+from transformers import pipeline
+generate = pipeline("text-generation", model=sys.argv[1], trust_remote_code=True)
+prompts = json.loads(sys.argv[2])
+print(json.dumps([generate(p, return_full_text=False)[0]["generated_text"] for p in prompts]))
+"""
+
+
+def test_a_supervised_finetune_answers_right_through_the_pipeline_call_of_its_card(tmp_path, tokenizer):
+    """What the model was trained on ([BOS] prompt separator) is what the card's plain pipeline call gives it:
+    the saved tokenizer adds BOS, generation_config.json decodes greedily, and the card shows the template."""
+    from hub.model_card import build_model_card
+
+    base = make_checkpoint(tmp_path / "base", tokenizer)
+    # pretraining's sampling defaults, which must not carry over into the fine-tuned model
+    GenerationConfig(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(base)
+    rows = [{"prompt": f"opposite of {a}", "answer": b} for a, b in OPPOSITES]
+    data = write_jsonl(tmp_path / "opposites.jsonl", rows)
+    out = tmp_path / "out"
+    run("--model_name_or_path", base, "--mode", "supervised", "--train_file", data, "--output_dir", out,
+        max_steps=150, per_device_train_batch_size=30, learning_rate=3e-3, warmup_steps=10, save_strategy="no",
+        threads=1)  # fmt: skip
+
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation.get("do_sample", False) is False, generation
+    assert not {"temperature", "top_k", "top_p", "repetition_penalty"} & set(generation), generation
+    # both fast-tokenizer paths add BOS by default and only then; add_special_tokens=False gives the bare text
+    for saved in (load_tokenizer(str(out)), PreTrainedTokenizerFast.from_pretrained(out)):
+        bare = saved("opposite of hot\n", add_special_tokens=False).input_ids
+        assert saved("opposite of hot\n").input_ids == [saved.bos_token_id] + bare
+    card = str(build_model_card(out, "alice/opposites"))
+    assert "'{prompt}'" in card and "'\\n'" in card and "return_full_text=False" in card
+
+    prompts = [f"opposite of {a}\n" for a, _ in OPPOSITES[:10]]
+    proc = subprocess.run([PYTHON, "-c", CARD_PIPELINE, str(out), json.dumps(prompts)], capture_output=True,
+                          text=True, env=subprocess_env(), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [a.strip() for a in json.loads(proc.stdout.strip().splitlines()[-1])]
+    assert answers == [b for _, b in OPPOSITES[:10]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors that point at the fix, threads, logging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_model_folder_without_a_tokenizer_says_so_and_names_the_option(base, tmp_path):
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(bare)
+    with pytest.raises(ValueError, match="has no tokenizer") as e:
+        run("--model_name_or_path", bare, "--train_file", EN_FR, "--mode", "supervised", "--output_dir",
+            tmp_path / "out", max_steps=1)  # fmt: skip
+    assert "--tokenizer_name_or_path" in str(e.value) and "sentencepiece" not in str(e.value)
+    run("--model_name_or_path", bare, "--tokenizer_name_or_path", base, "--train_file", EN_FR, "--mode",
+        "supervised", "--output_dir", tmp_path / "out", max_steps=1, save_strategy="no")  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", [("prompt", "answer"), ("question", "answer"), ("input", "output")])
+def test_pairs_without_mode_supervised_say_that_mode_supervised_is_the_fix(base, tmp_path, fields):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{fields[0]: "hot", fields[1]: "cold"}] * 4)
+    with pytest.raises(ValueError, match="--mode supervised") as e:
+        run("--model_name_or_path", base, "--train_file", data, "--output_dir", tmp_path / "out", max_steps=1)
+    assert f"--prompt_field {fields[0]} --answer_field {fields[1]}" in str(e.value)
+
+
+@pytest.mark.parametrize("path", ["./bsae", "no_such_dir/base", "/tmp/no/such/model"])
+def test_a_misspelled_local_path_fails_at_once_without_asking_the_hub(tmp_path, path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no_such_dir").mkdir()  # dir/name with an existing dir is a local path, not a Hub id
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        run("--model_name_or_path", path, "--train_file", EN_FR, "--output_dir", tmp_path / "out", max_steps=1)
+    assert time.perf_counter() - start < 10
+
+
+def test_short_runs_log_the_loss_while_training_and_the_threads_at_start(base, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="train.finetune"):
+        trainer = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir",
+                      tmp_path / "out", max_steps=10, per_device_train_batch_size=4, save_strategy="no")  # fmt: skip
+    assert "torch threads: 1 (--threads)" in caplog.text and torch.get_num_threads() == 1
+    logged = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.args.logging_steps == 1 and logged[:3] == [1, 2, 3], logged
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert summary["data"].startswith("en_fr.jsonl") and summary["learning_rate"] == trainer.args.learning_rate
+    # an explicit --logging_steps wins
+    trainer = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir",
+                  tmp_path / "out2", max_steps=4, per_device_train_batch_size=4, save_strategy="no",
+                  logging_steps=2)  # fmt: skip
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [2, 4]

@@ -1,6 +1,7 @@
 """train/generate.py: every strategy against transformers' own generate, seeds, streaming, and bad inputs."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from train import generate
+from train.threads import default_threads
 from train.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +38,8 @@ def model_dir(tmp_path_factory):
 
 
 def run(model_dir, *args) -> str:
-    return generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--no_stream", *map(str, args)])
+    return generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--no_stream", "--threads", "1",
+                          *map(str, args)])
 
 
 def reference(model_dir, seed=None, **kwargs) -> str:
@@ -77,8 +80,8 @@ def test_sampling_is_reproducible_by_seed(model_dir, strategy):
 
 
 def test_beam_search_matches_and_explains_that_it_cannot_stream(model_dir, capsys):
-    text = generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--strategy", "beam", "--num_beams", "3",
-                          "--max_new_tokens", "8"])  # fmt: skip
+    text = generate.main(["--model", str(model_dir), "--threads", "1", "--prompt", PROMPT, "--strategy", "beam",
+                          "--num_beams", "3", "--max_new_tokens", "8"])  # fmt: skip
     captured = capsys.readouterr()
     assert "beam search cannot stream" in captured.err
     assert captured.out.strip() == text
@@ -86,13 +89,14 @@ def test_beam_search_matches_and_explains_that_it_cannot_stream(model_dir, capsy
 
 
 def test_streaming_prints_the_same_text(model_dir, capsys):
-    text = generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--strategy", "greedy",
+    text = generate.main(["--model", str(model_dir), "--threads", "1", "--prompt", PROMPT, "--strategy", "greedy",
                           "--max_new_tokens", "10"])  # fmt: skip
     assert capsys.readouterr().out.strip() == text.strip()
 
 
 def test_empty_prompt_starts_a_new_document(model_dir):
-    text = generate.main(["--model", str(model_dir), "--strategy", "greedy", "--max_new_tokens", "8", "--no_stream"])
+    text = generate.main(["--model", str(model_dir), "--threads", "1", "--strategy", "greedy", "--max_new_tokens", "8",
+                          "--no_stream"])  # fmt: skip
     assert isinstance(text, str)
 
 
@@ -104,7 +108,8 @@ def test_too_many_new_tokens_are_capped_to_the_positions(model_dir, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "/nonexistent"], "not a model folder"),
+        (["--model", "/nonexistent"], "--model /nonexistent: no such folder"),
+        (["--threads", "-1"], "--threads must be >= 0"),
         (["--temperature", "0"], "--temperature must be > 0"),
         (["--top_p", "1.5"], "--top_p must lie in (0, 1]"),
         (["--strategy", "beam", "--num_beams", "1"], "--num_beams must be >= 2"),
@@ -114,7 +119,7 @@ def test_too_many_new_tokens_are_capped_to_the_positions(model_dir, capsys):
 )
 def test_bad_inputs_are_clear_errors(model_dir, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        generate.main(["--model", str(model_dir), *args])
+        generate.main(["--model", str(model_dir), "--threads", "1", *args])
     assert e.value.code != 0
     assert message in (e.value.code if isinstance(e.value.code, str) else "") + capsys.readouterr().err
 
@@ -126,3 +131,44 @@ def test_script_runs_by_path_from_any_directory(model_dir, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == run(model_dir, "--strategy", "greedy", "--max_new_tokens", 12)
+
+
+def test_sampling_draws_a_fresh_seed_each_run_and_prints_it_for_a_rerun(model_dir, capsys):
+    first = generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--no_stream", "--threads", "1",
+                           "--max_new_tokens", "12"])  # fmt: skip
+    seeds = [int(re.search(r"seed (\d+)", capsys.readouterr().err).group(1))]
+    texts = {first}
+    for _ in range(3):
+        texts.add(generate.main(["--model", str(model_dir), "--prompt", PROMPT, "--no_stream", "--threads", "1",
+                                 "--max_new_tokens", "12"]))  # fmt: skip
+        seeds.append(int(re.search(r"seed (\d+)", capsys.readouterr().err).group(1)))
+    assert len(set(seeds)) > 1 and len(texts) > 1, (seeds, texts)
+    assert run(model_dir, "--seed", seeds[0], "--max_new_tokens", 12) == first  # the printed seed repeats the text
+
+
+def test_help_shows_the_defaults_and_the_threads_option(capsys):
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: top_p)" in text and "(default: 200)" in text and "--threads" in text
+
+
+def test_threads_are_set_and_printed(model_dir, capsys):
+    before = torch.get_num_threads()
+    try:
+        run(model_dir, "--strategy", "greedy", "--max_new_tokens", 2, "--threads", 2)
+        assert torch.get_num_threads() == 2 and "2 CPU threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    assert 1 <= default_threads() <= 4
+
+
+def test_a_folder_without_a_tokenizer_says_so_and_takes_one_from_tokenizer(model_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(bare)
+    with pytest.raises(SystemExit) as e:
+        run(bare, "--strategy", "greedy")
+    assert "has no tokenizer" in str(e.value.code) and "--tokenizer" in str(e.value.code)
+    assert "sentencepiece" not in str(e.value.code)
+    greedy = run(model_dir, "--strategy", "greedy", "--max_new_tokens", 6)
+    assert run(bare, "--strategy", "greedy", "--max_new_tokens", 6, "--tokenizer", model_dir) == greedy

@@ -236,7 +236,9 @@ def test_model_card(checkpoint, pushed, hub):
     print("\n".join(card_text.splitlines()[:40]))
     assert validate_card_metadata(card_text) == []
     meta = yaml.safe_load(card_text.split("---")[1])
-    assert (meta["library_name"], meta["pipeline_tag"], meta["license"]) == ("transformers", "text-generation", "mit")
+    # no license was given: the Hub's "other", and the body says none was chosen (never a default the owner didn't pick)
+    assert (meta["library_name"], meta["pipeline_tag"], meta["license"]) == ("transformers", "text-generation", "other")
+    assert "## License\n\nNot chosen yet" in card_text
     assert meta["datasets"] == ["minigpt-org/extra", "minigpt-org/tiny-sentences"]
     assert "custom_code" in meta["tags"]
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
@@ -490,3 +492,52 @@ def test_trainer_push_to_hub(hub, tmp_path):
     assert {"config.json", "model.safetensors", "modeling_minigpt.py", "configuration_minigpt.py"} <= set(files)
     assert json.loads(files["config.json"])["auto_map"]["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
     assert hub.repos["alice/trainer-push"].history("main")[0].title == "Trainer push"
+
+
+def test_card_license_comes_from_the_user(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    text = str(build_model_card(tmp_path, "alice/bare", license="apache-2.0"))
+    assert yaml.safe_load(text.split("---")[1])["license"] == "apache-2.0" and "## License" not in text
+    assert validate_card_metadata(text) == []
+
+
+def test_card_reads_data_and_peak_learning_rate_from_the_checkpoint_records(tmp_path):
+    """A train.pretrain checkpoint records its data and schedule in train_state.json; Trainer's log_history holds
+    the scheduled rate at each log, whose peak is the largest, not the last."""
+    step = tmp_path / "step-40"
+    tiny_config().save_pretrained(step)
+    (step / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    train_state = {"state": {"step": 40, "tokens_seen": 20480},
+                   "args": {"data": {"data": ["corpus/shakespeare.txt"]}, "train": {"learning_rate": 6e-4}}}
+    (step / "train_state.json").write_text(json.dumps(train_state))
+    text = str(build_model_card(step, "alice/step"))
+    for fact in ("**Data:** corpus/shakespeare.txt", "**Tokens seen:** 20,480", "**Optimizer steps:** 40",
+                 "peak learning rate 0.0006"):  # fmt: skip
+        assert fact in text, fact
+
+    final = tmp_path / "final"  # pretrain's output_dir: the records are in its newest checkpoints/step-N
+    shutil.copytree(step, final / "checkpoints" / "step-40")
+    shutil.copytree(step, final, ignore=shutil.ignore_patterns("train_state.json"), dirs_exist_ok=True)
+    assert "**Data:** corpus/shakespeare.txt" in str(build_model_card(final, "alice/final"))
+
+    ft = tmp_path / "ft"
+    shutil.copytree(step, ft, ignore=shutil.ignore_patterns("train_state.json"))
+    history = [{"loss": 3.0, "learning_rate": 1e-4, "step": 5}, {"loss": 2.0, "learning_rate": 3e-3, "step": 10},
+               {"loss": 1.0, "learning_rate": 2e-5, "step": 50}]  # fmt: skip
+    (ft / "trainer_state.json").write_text(json.dumps({"global_step": 50, "log_history": history}))
+    text = str(build_model_card(ft, "alice/ft"))
+    assert "peak learning rate 0.003" in text and "peak learning rate 2e-05" not in text
+
+
+def test_card_of_a_supervised_finetune_shows_its_prompt_template(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    template = {"prompt_template": "Q: {prompt}", "separator": "\nA:", "add_bos": True}
+    (tmp_path / "prompt_template.json").write_text(json.dumps(template))
+    text = str(build_model_card(tmp_path, "alice/qa"))
+    assert "```text\nQ: YOUR PROMPT\nA:\n```" in text
+    call = "prompt = 'Q: {prompt}'.replace(\"{prompt}\", \"YOUR PROMPT\") + '\\nA:'"
+    assert call in text and 'generator(prompt, return_full_text=False)' in text
+    assert "To be, or not to be" not in text  # the plain-text snippets would prompt it wrongly
+    assert validate_card_metadata(text) == []

@@ -29,7 +29,8 @@ import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from train.checkpoints import load_pretrained
 from train.data import read_rows
 from train.metrics import load_metric
-from train.pairs import PromptTemplate, SupervisedCollator, encode_pair
+from train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
+from train.threads import THREADS_HELP, set_threads
 from train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,8 +41,8 @@ def load_model(path: str, tokenizer_path: str | None = None, device: str = "cpu"
                trust_remote_code: bool = False):
     """(model in eval mode on `device`, tokenizer) from a checkpoint folder."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; pass a checkpoint folder holding config.json.")
-    tokenizer = load_tokenizer(tokenizer_path or path)
+        raise FileNotFoundError(f"{path}: no such folder; pass a checkpoint folder holding config.json.")
+    tokenizer = load_tokenizer(tokenizer_path or path, option="--tokenizer")
     model = load_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_vocab(tokenizer, model)
     return model.to(device).eval(), tokenizer
@@ -219,12 +220,21 @@ def read_data(path: str, mode: str, text_field: str, prompt_field: str, answer_f
     has_pairs = prompt_field in rows.column_names and answer_field in rows.column_names
     if mode == "pairs" or (mode == "auto" and has_pairs):
         if not has_pairs:
+            pair = pair_fields(rows.column_names)
+            hint = f" (here: --prompt_field {pair[0]} --answer_field {pair[1]})" if pair else ""
             raise ValueError(
                 f"{path} lacks {prompt_field!r} or {answer_field!r} (fields: {rows.column_names}); name them with "
-                "--prompt_field and --answer_field."
+                f"--prompt_field and --answer_field{hint}."
             )
         return "pairs", list(zip(rows[prompt_field], rows[answer_field]))
     if text_field not in rows.column_names:
+        pair = pair_fields(rows.column_names)
+        if pair:
+            raise ValueError(
+                f"{path} has no field {text_field!r} but looks like prompt/answer pairs (fields: {rows.column_names}); "
+                f"evaluate them as pairs with --mode pairs --prompt_field {pair[0]} --answer_field {pair[1]}, or "
+                "pass --text_field for text."
+            )
         raise ValueError(f"{path} has no field {text_field!r} (fields: {rows.column_names}); pass --text_field.")
     return "text", [t for t in rows[text_field] if t]
 
@@ -310,6 +320,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--trust_remote_code", action="store_true", help="for non-MiniGPT folders that ship code")
@@ -319,6 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    threads = set_threads(args.threads, on_cpu=torch.device(args.device).type == "cpu")
+    print(f"torch threads: {threads} (--threads)", file=sys.stderr)
     results = [evaluate_folder(args.model, args)]
     if args.compare:
         results.append(evaluate_folder(args.compare, args))
@@ -326,8 +339,11 @@ def main(argv=None) -> list[dict]:
     print(format_table(results))
     if "predictions" in results[0]:
         _, pairs = read_data(args.data, args.mode, args.text_field, args.prompt_field, args.answer_field)
+        names = [Path(r["model"]).name or r["model"] for r in results]
+        print("samples: " + " | ".join(names) if len(results) > 1 else "samples:")
         for (prompt, answer), *preds in list(zip(pairs, *[r["predictions"] for r in results]))[:5]:
-            print(f"  {prompt!r} -> {' | '.join(repr(p) for p in preds)}  (reference {answer!r})")
+            got = " | ".join(f"{name}: {p!r}" if len(results) > 1 else repr(p) for name, p in zip(names, preds))
+            print(f"  {prompt!r} -> {got}  (reference {answer!r})")
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return results

@@ -12,7 +12,12 @@ Two modes:
                   [BOS] prompt_template with {prompt} = row[prompt_field], + separator | row[answer_field] EOS
               with labels -100 on everything left of the bar (and on padding), so only the answer and its EOS
               are learned. The template is saved as `prompt_template.json` in the output folder, where
-              train/evaluation.py picks it up.
+              train/evaluation.py and the model card (hub/model_card.py) pick it up. The saved tokenizer adds
+              the BOS by itself (`tokenizer(text)`, as a `pipeline` calls it), and generation_config.json
+              decodes greedily, so the model gets by default what it was trained on.
+
+--threads sets torch's CPU threads (train/threads.py; the default suits a shared machine). Unless --logging_steps is
+given, the loss is logged about 20 times per run.
 
 Arguments are our three dataclasses below plus transformers.TrainingArguments, parsed by HfArgumentParser from
 the command line, from a YAML/JSON file, or both (`finetune.py config.yaml --learning_rate 1e-4`):
@@ -25,7 +30,9 @@ The output folder is a complete checkpoint (weights, config with auto_map and th
 generation config), and so is every intermediate checkpoint-N folder.
 """
 
+import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -49,8 +56,16 @@ import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from train.checkpoints import load_pretrained
 from train.data import read_rows
 from train.metrics import load_metric
-from train.pairs import PromptTemplate, SupervisedCollator, encode_pair
-from train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids
+from train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
+from train.threads import THREADS_HELP, set_threads
+from train.tokenizer import (
+    add_bos_by_default,
+    check_local_path,
+    check_vocab,
+    context_length,
+    load_tokenizer,
+    special_token_ids,
+)
 
 logger = logging.getLogger("train.finetune")
 
@@ -111,7 +126,10 @@ class DataArguments:
         default="\n", metadata={"help": "supervised: text between prompt and answer. It ends the prompt (prompt and "
                                 "answer are tokenized apart), so prefer a newline or ':' to a trailing space."}
     )
-    add_bos: bool = field(default=True, metadata={"help": "supervised: start each row with the BOS token."})
+    add_bos: bool = field(
+        default=True, metadata={"help": "supervised: start each row with the BOS token; the saved tokenizer then adds "
+                                "it to every text it encodes (add_special_tokens=False leaves it out)."}
+    )
     truncation: str = field(
         default="left",
         metadata={"help": "supervised, for a row longer than max_length: 'left' drops the start of the prompt "
@@ -121,6 +139,7 @@ class DataArguments:
 
 @dataclass
 class ExtraArguments:
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (needs evaluation, "
                                 "--load_best_model_at_end and save/eval on the same steps)."}
@@ -210,6 +229,13 @@ def tokenize_supervised(rows: datasets.Dataset, tokenizer, template: PromptTempl
 
 def tokenize_causal(rows: datasets.Dataset, tokenizer, args: DataArguments, max_length: int, name: str):
     if args.text_field not in rows.column_names:
+        pair = pair_fields(rows.column_names, args)
+        if pair:
+            raise ValueError(
+                f"{name} has no field {args.text_field!r} but looks like prompt/answer pairs (fields: "
+                f"{rows.column_names}). Train on pairs with --mode supervised --prompt_field {pair[0]} "
+                f"--answer_field {pair[1]}; or, for plain text, pass --text_field."
+            )
         raise ValueError(
             f"{name} has no field {args.text_field!r}; its fields are {rows.column_names}. Pass --text_field."
         )
@@ -307,7 +333,10 @@ def main(argv: list[str] | None = None) -> Trainer:
         logger.setLevel(logging.WARNING)
     if model_args.model_name_or_path is None:
         raise ValueError("No --model_name_or_path; pass a checkpoint folder (model + tokenizer) to start from.")
+    check_local_path(model_args.model_name_or_path, "folder", "--model_name_or_path")
     set_seed(training_args.seed)
+    threads = set_threads(extra_args.threads, on_cpu=training_args.device.type == "cpu")
+    logger.info("torch threads: %d (--threads)", threads)
 
     if training_args.ddp_find_unused_parameters is None:  # every parameter takes part in every forward
         training_args.ddp_find_unused_parameters = False
@@ -316,7 +345,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     if push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/minigpt-en-fr).")
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               option="--tokenizer_name_or_path")
     model = load_pretrained(
         AutoModelForCausalLM, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
@@ -329,6 +359,13 @@ def main(argv: list[str] | None = None) -> Trainer:
         raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
     # generate() reads these from generation_config.json: stop at EOS, pad with the tokenizer's pad id
     model.generation_config.update(**special_token_ids(tokenizer))
+    if data_args.mode == "supervised":
+        # what the model was trained on is what it gets by default: tokenizer(prompt) starts with BOS as the rows
+        # did, and answers are decoded greedily (pretraining's sampling defaults would pick wrong answers)
+        if data_args.add_bos:
+            add_bos_by_default(tokenizer)
+        model.generation_config.update(do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
+                                       repetition_penalty=None)
 
     with training_args.main_process_first(desc="tokenizing"):
         train_set, eval_set = build_datasets(data_args, tokenizer, max_length, training_args.seed)
@@ -362,6 +399,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    set_logging_steps(training_args, argv, math.ceil(len(train_set) / training_args.train_batch_size
+                                                     / max(1, training_args.world_size)))
     log_plan(trainer, train_set, max_length)
 
     resume = training_args.resume_from_checkpoint
@@ -391,6 +430,17 @@ def main(argv: list[str] | None = None) -> Trainer:
     return trainer
 
 
+def set_logging_steps(args: TrainingArguments, argv: list[str] | None, batches_per_epoch: int):
+    """Trainer logs the loss every logging_steps (default 500): more than a short fine-tune runs, so nothing
+    showed before the end. Unless --logging_steps is given, log about 20 times per run (every 1 to 50 steps)."""
+    given = any(a.startswith("--logging_steps") for a in (sys.argv[1:] if argv is None else argv))
+    if given or args.logging_steps != TrainingArguments.logging_steps:
+        return
+    steps_per_epoch = max(1, batches_per_epoch // max(1, args.gradient_accumulation_steps))
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    args.logging_steps = max(1, min(50, total // 20))
+
+
 def log_plan(trainer: Trainer, train_set: datasets.Dataset, max_length: int):
     """The derived numbers, printed before the first step."""
     args = trainer.args
@@ -403,6 +453,20 @@ def log_plan(trainer: Trainer, train_set: datasets.Dataset, max_length: int):
         args.world_size, rows_per_step, len(train_set) / rows_per_step,
         sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     )
+
+
+def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
+    """training_summary.json: the facts no Trainer file records, for the model card (hub/model_card.py)."""
+    args = trainer.args
+    summary = {
+        "data": f"{Path(data_args.train_file).name} ({data_args.mode} fine-tuning)",
+        "learning_rate": args.learning_rate,  # the peak: Trainer's logs hold the scheduled value at each log
+        "steps": trainer.state.global_step,
+        "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+    }
+    path = Path(output_dir) / "training_summary.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **summary}, indent=2) + "\n")
 
 
 def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_args: DataArguments, output_dir: str):
@@ -421,6 +485,7 @@ def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_arg
         if data_args.mode == "supervised":
             template_of(data_args).save(output_dir)
         trainer.save_state()
+        write_summary(trainer, data_args, output_dir)
         logger.info("Saved the fine-tuned checkpoint to %s", output_dir)
 
 

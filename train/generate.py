@@ -4,42 +4,51 @@
     python -m train.generate --model runs/tiny --prompt "To be" --strategy beam --num_beams 4 --no_stream
 
 Strategies: greedy (argmax), top_k (sample among the k likeliest), top_p (sample from the smallest set whose
-probability reaches p), beam (beam search). Sampling is reproducible with --seed. Output streams token by token
+probability reaches p), beam (beam search). Each run samples with a fresh seed, printed to stderr; pass it back
+with --seed to get the same text again. Output streams token by token
 unless --no_stream (beam search cannot stream: it only knows the best sequence at the end).
 An empty prompt starts a fresh document: generation begins after an EOS, as every document did in training.
 """
 
 import argparse
+import secrets
 import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, set_seed
+from transformers import AutoModelForCausalLM, TextStreamer, set_seed
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
 from train.checkpoints import load_pretrained
-from train.tokenizer import context_length, special_token_ids
+from train.threads import THREADS_HELP, set_threads
+from train.tokenizer import context_length, load_tokenizer, special_token_ids
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Strategies: " + ", ".join(STRATEGIES))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Strategies: " + ", ".join(STRATEGIES),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="A folder written by save_pretrained (e.g. pretrain's output_dir).")
     p.add_argument("--prompt", default="", help="Text to continue. Empty: start a new document.")
-    p.add_argument("--strategy", default="top_p", choices=STRATEGIES, help="Decoding strategy (default top_p).")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer folder, if it is not the model folder.")
+    p.add_argument("--strategy", default="top_p", choices=STRATEGIES, help="Decoding strategy.")
     p.add_argument("--max_new_tokens", type=int, default=200, help="Tokens to generate after the prompt.")
     p.add_argument("--temperature", type=float, default=0.8, help="Softmax temperature for top_k/top_p, > 0.")
     p.add_argument("--top_k", type=int, default=50, help="k of top_k sampling (tokens).")
     p.add_argument("--top_p", type=float, default=0.95, help="p of top_p (nucleus) sampling, in (0, 1].")
     p.add_argument("--num_beams", type=int, default=4, help="Beams of beam search.")
-    p.add_argument("--seed", type=int, default=0, help="Random seed, for reproducible sampling.")
+    p.add_argument("--seed", type=int, default=None,
+                   help="Sampling seed; None: a fresh one each run, printed so that the run can be repeated.")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP + " None: that default, on CPU.")
     p.add_argument("--no_stream", action="store_true", help="Print the text at the end instead of token by token.")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... Default: cuda if available, else cpu.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped in a non-MiniGPT folder.")
     args = p.parse_args(argv)
     problems = []
-    if not (Path(args.model) / "config.json").is_file():
+    if not Path(args.model).is_dir():
+        problems.append(f"--model {args.model}: no such folder; give the output_dir of a training run.")
+    elif not (Path(args.model) / "config.json").is_file():
         problems.append(
             f"--model {args.model!r} is not a model folder (no config.json); give the output_dir of a "
             "finished training run or a checkpoints/step-N folder."
@@ -54,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append(f"--top_p must lie in (0, 1], got {args.top_p}.")
     if args.num_beams < 2 and args.strategy == "beam":
         problems.append(f"--num_beams must be >= 2 for beam search, got {args.num_beams}.")
+    if args.threads is not None and args.threads < 0:
+        problems.append(f"--threads must be >= 0 (0 = torch's default), got {args.threads}.")
     if problems:
         p.error(" ".join(problems))
     return args
@@ -72,7 +83,8 @@ def strategy_kwargs(args: argparse.Namespace) -> dict:
 
 def generate(model, tokenizer, prompt: str, args: argparse.Namespace, stream: bool = False) -> str:
     """Continue `prompt`; returns the prompt plus the generated text (special tokens removed)."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    # the tokenizer's own special tokens: a supervised fine-tune's tokenizer adds the BOS its training rows began with
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:  # a new document: in training, every document followed an EOS
         ids = torch.tensor([[tokenizer.eos_token_id]])
     limit = context_length(model)  # the model's own limit; None: it has none
@@ -91,7 +103,7 @@ def generate(model, tokenizer, prompt: str, args: argparse.Namespace, stream: bo
                 file=sys.stderr,
             )
     ids = ids.to(model.device)
-    set_seed(args.seed)
+    set_seed(args.seed if args.seed is not None else 0)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
     out = model.generate(
         input_ids=ids,
@@ -107,7 +119,17 @@ def generate(model, tokenizer, prompt: str, args: argparse.Namespace, stream: bo
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    threads = set_threads(args.threads, on_cpu=torch.device(device).type == "cpu")
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+    sampling = args.strategy in ("top_k", "top_p")
+    print(f"generate: {threads} CPU threads" + (f", seed {args.seed} (--seed {args.seed} repeats this text)"
+                                                 if sampling else ""), file=sys.stderr)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model, option="--tokenizer",
+                                   trust_remote_code=args.trust_remote_code)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"generate: error: {e}") from None
     model = load_pretrained(AutoModelForCausalLM, args.model, trust_remote_code=args.trust_remote_code).to(device)
     model.eval()
     stream = not args.no_stream and args.strategy != "beam"

@@ -89,6 +89,20 @@ def encode_pair(
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids, truncated
 
 
+PROMPT_NAMES = ("prompt", "question", "input", "instruction", "query", "source")
+ANSWER_NAMES = ("answer", "output", "response", "completion", "target")
+
+
+def pair_fields(columns: list[str], args=None) -> tuple[str, str] | None:
+    """The (prompt, answer) field names when a .jsonl's fields look like pairs, else None. `args` may name the
+    fields (prompt_field, answer_field); the common names (PROMPT_NAMES x ANSWER_NAMES) are tried after them."""
+    names = [(args.prompt_field, args.answer_field)] if args is not None else []
+    for prompt, answer in names + [(p, a) for p in PROMPT_NAMES for a in ANSWER_NAMES]:
+        if prompt in columns and answer in columns:
+            return prompt, answer
+    return None
+
+
 @dataclass
 class SupervisedCollator:
     """Right-pads a batch of supervised rows: input_ids with the pad id, labels with -100, attention_mask 0.
