@@ -87,7 +87,7 @@ def table(payload: dict) -> str:
     headers = ["positions", "norm", "activation", "val loss", "vs baseline", "within bar", "recipe change"]
     unigram = payload["results"][0].get("unigram_loss")
     note = f"\n\nUnigram model on the same split: {unigram:.3f} nats/token." if unigram else ""
-    return "\n".join(lines) + markdown_table(headers, rows) + note
+    return "\n".join(lines) + "\n" + markdown_table(headers, rows) + note
 
 
 def main(argv=None):
