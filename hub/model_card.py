@@ -82,8 +82,11 @@ def read_training_info(folder: Path) -> dict:
     log_path = Path(folder) / "log.jsonl"
     if log_path.is_file():
         records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        # an evaluation over the whole validation split beats a periodic sample (older logs mark neither)
+        whole = [r for r in records if r.get("val_blocks") is not None and r["val_blocks"] == r.get("val_split_blocks")]
         for key in ("loss", "val_loss", "val_perplexity", "tokens_seen", "tokens_per_s"):
-            values = [r[key] for r in records if r.get(key) is not None]
+            source = whole if key.startswith("val_") and whole else records
+            values = [r[key] for r in source if r.get(key) is not None]
             if values:
                 raw.setdefault(key, values[-1])
         for key in ("step", "lr"):  # the last step and the peak learning rate

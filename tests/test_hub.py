@@ -541,3 +541,18 @@ def test_card_of_a_supervised_finetune_shows_its_prompt_template(tmp_path):
     assert call in text and 'generator(prompt, return_full_text=False)' in text
     assert "To be, or not to be" not in text  # the plain-text snippets would prompt it wrongly
     assert validate_card_metadata(text) == []
+
+
+def test_the_card_quotes_the_evaluation_over_the_whole_validation_split(tmp_path):
+    """Periodic evaluations may read a sample of the split (and the log says so); the card's figure must be the one
+    over every block, even when a sampled one comes after it (a run continued after its final evaluation)."""
+    from hub.model_card import read_training_info
+
+    records = [
+        {"step": 100, "val_loss": 5.0, "val_perplexity": 148.4, "val_blocks": 400, "val_split_blocks": 860},
+        {"step": 300, "val_loss": 4.8636, "val_perplexity": 129.5, "val_blocks": 860, "val_split_blocks": 860},
+        {"step": 400, "val_loss": 4.7, "val_perplexity": 109.9, "val_blocks": 400, "val_split_blocks": 860},
+    ]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    info = read_training_info(tmp_path)
+    assert info["final_val_loss"] == 4.8636 and info["val_perplexity"] == 129.5
