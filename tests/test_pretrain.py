@@ -384,3 +384,17 @@ def test_shipped_accelerate_configs_load():
         fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and "fsdp_transformer_layer_cls_to_wrap" not in fsdp
     )
     assert MiniGPTForCausalLM._no_split_modules == ["MiniGPTBlock"]
+
+
+def test_threads_are_chosen_as_in_the_other_scripts_and_printed(corpus, tmp_path, capsys, monkeypatch):
+    """--threads (an alias of --cpu_threads) as finetune, evaluation and generate take it; by default on CPU,
+    $OMP_NUM_THREADS where set (else half the cores, 1 to 4), printed before the first step."""
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        main(tiny_args(corpus, tmp_path / "a", "--max_steps", 1))
+        assert "threads: 1 intra-op CPU thread(s) per process" in capsys.readouterr().out
+        main(tiny_args(corpus, tmp_path / "b", "--max_steps", 1, "--threads", 2))
+        assert "threads: 2 intra-op CPU thread(s) per process" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)

@@ -84,10 +84,12 @@ class TrainArguments:
     compile: bool = arg(False, "torch.compile the model (inductor).")
     seed: int = arg(1337, "Seed for the weights, the data order and dropout.")
     cpu: bool = arg(False, "Train on CPU even where an accelerator exists.")
-    cpu_threads: int = arg(
-        0,
-        "Intra-op CPU threads per process (torch.set_num_threads); 0 = torch's default, one per core. Small models "
-        "gain little from more, and lose much when other processes share the cores.",
+    cpu_threads: int | None = arg(
+        None,
+        "Intra-op CPU threads per process (torch.set_num_threads), the same choice as finetune's, evaluation's and "
+        "generate's --threads (also accepted here). Default on CPU: $OMP_NUM_THREADS if set, else half the "
+        "available cores, between 1 and 4; on an accelerator torch's own. 0 = torch's default, one per core.",
+        aliases=["--threads"],
     )
     eval_every: int = arg(250, "Optimizer steps between evaluations; 0 = only at the end.")
     eval_batches: int = arg(
@@ -306,7 +308,8 @@ def check_args(model: ModelArguments, data: DataArguments, train: TrainArguments
     problems = [f"--{k} must be >= 1, got {getattr(train, k)}." for k in at_least_1 if getattr(train, k) < 1]
     at_least_0 = ("cpu_threads", "warmup_steps", "eval_every", "save_every", "eval_batches", "max_grad_norm",
                   "stop_at_step", "weight_decay", "peak_tflops")  # fmt: skip
-    problems += [f"--{k} must be >= 0, got {getattr(train, k)}." for k in at_least_0 if getattr(train, k) < 0]
+    problems += [f"--{k} must be >= 0, got {getattr(train, k)}." for k in at_least_0
+                 if getattr(train, k) is not None and getattr(train, k) < 0]  # fmt: skip
     # NaN passes every comparison, and inf is no learning rate, decay, norm or peak
     finite = ("learning_rate", "min_learning_rate", "weight_decay", "max_grad_norm", "peak_tflops")
     problems += [f"--{k} must be a finite number, got {getattr(train, k)}." for k in finite

@@ -12,6 +12,7 @@ interrupted (Ctrl-C), it reports no numbers, says how to continue, and exits 130
 """
 
 import argparse
+import os
 import shlex
 import time
 from pathlib import Path
@@ -22,8 +23,6 @@ from train import generate, pretrain
 from train.args import parse_args
 from train.checkpoints import latest_checkpoint, load_pretrained
 from train.data import prepare_data, unigram_perplexity
-
-BUDGET_S = 300  # the demo's promise: at most 5 minutes on 2 CPU cores
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,9 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nloss curves: {out / 'loss.png'}")
     print(f"checkpoint:  {out} (AutoModelForCausalLM / AutoTokenizer / pipeline); full state in {out / 'checkpoints'}")
     print(f"try:         python -m train.generate --model {out} --prompt {prompt.strip()!r} --strategy top_p")
-    print(
-        f"wall time:   {wall:.0f} s in all ({train_s:.0f} s of it data preparation and training); "
-        f"{'within' if wall <= BUDGET_S else 'OVER'} the {BUDGET_S} s budget"
+    print(  # information, not a verdict: the time depends on the machine and its load; the check is the ratio above
+        f"wall time:   {wall:.0f} s in all ({train_s:.0f} s of it data preparation and training) on "
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}"
     )
     print("=" * 100)
     summary = {

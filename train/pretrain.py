@@ -53,6 +53,7 @@ from train.checkpoints import (
 )
 from train.data import DataError, PreparedData, prepare_data
 from train.monitoring import RunLog, count_params, dump_rank, flops_per_token, lookup_peak_tflops, mfu, plot_losses
+from train.threads import set_threads
 from train.tokenizer import special_token_ids
 
 
@@ -121,10 +122,10 @@ def setup(argv: list[str] | None = None) -> Run:
     saved_args = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args)}
     resume_notes = check_resume(Path(args.resume), saved_args) if args.resume else []  # before any data work
     debug = DebugHooks.from_env()
-    if args.cpu_threads:
-        torch.set_num_threads(args.cpu_threads)
+    on_cpu = args.cpu or not _has_accelerator()
+    threads = set_threads(args.cpu_threads, on_cpu=on_cpu)  # the choice finetune, evaluation and generate make
     accelerator = Accelerator(
-        cpu=args.cpu or not _has_accelerator(),  # where there is none, cpu=True makes a multi-process launch gloo ranks
+        cpu=on_cpu,  # where there is no accelerator, cpu=True makes a multi-process launch gloo ranks
         mixed_precision=args.mixed_precision,
         # accelerate's own accumulation stays at 1 (its step counter never decides a sync): training_step() owns the
         # window of --gradient_accumulation_steps micro-batches
@@ -139,6 +140,7 @@ def setup(argv: list[str] | None = None) -> Run:
     out = Path(args.output_dir).expanduser().resolve()
     ckpt_root, resume_from = prepare_checkpoint_root(accelerator, out, args.resume, args.overwrite_output_dir)
 
+    accelerator.print(f"threads: {threads} intra-op CPU thread(s) per process (--threads)")
     for note in [recipe_note, *resume_notes, warmup_warning(args)]:
         if note:
             accelerator.print(note)
