@@ -552,3 +552,19 @@ def test_short_runs_log_the_loss_while_training_and_the_threads_at_start(base, t
                   tmp_path / "out2", max_steps=4, per_device_train_batch_size=4, save_strategy="no",
                   logging_steps=2)  # fmt: skip
     assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [2, 4]
+
+
+def test_gradient_checkpointing_still_saves_use_cache_true_in_the_final_folder_and_every_checkpoint(base, tmp_path):
+    # gradient checkpointing switches model.config.use_cache off while training; a saved checkpoint must not keep
+    # that, or generate() runs without a cache and torch.export/ExecuTorch recipes refuse the folder
+    data = qa_text_file(tmp_path / "qa.txt", read_jsonl(QA))
+    out = tmp_path / "out"
+    trainer = run("--model_name_or_path", base, "--mode", "causal", "--train_file", data, "--output_dir", out,
+                  "--gradient_checkpointing", "true", max_length=32, max_steps=2, save_steps=1,
+                  per_device_train_batch_size=4)  # fmt: skip
+    assert all(layer.gradient_checkpointing for layer in trainer.model.model.layers)
+    folders = [out, out / "checkpoint-1", out / "checkpoint-2"]
+    assert {f.name: json.loads((f / "config.json").read_text())["use_cache"] for f in folders} == {
+        f.name: True for f in folders
+    }
+    assert AutoModelForCausalLM.from_pretrained(out / "checkpoint-1").config.use_cache is True

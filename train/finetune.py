@@ -186,6 +186,27 @@ class SaveTemplateCallback(TrainerCallback):
             self.template.save(folder)
 
 
+class KeepUseCacheCallback(TrainerCallback):
+    """Writes `use_cache: true` back into every checkpoint-N/config.json. Gradient checkpointing (and TRL's
+    trainers) switch model.config.use_cache off while training, and Trainer saves the config as it finds it; a
+    checkpoint saved so would make generate() run without a cache and torch.export/ExecuTorch recipes refuse it
+    ("The model must have caching enabled"). The file is edited rather than the live config, so training itself is
+    left as Trainer set it up."""
+
+    def on_save(self, args, state, control, **kwargs):
+        config = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "config.json"
+        if state.is_world_process_zero and config.is_file():
+            enable_cache_in(config)
+
+
+def enable_cache_in(config_file: Path):
+    """Set use_cache to true in a saved config.json (no-op when it already is)."""
+    fields = json.loads(config_file.read_text())
+    if fields.get("use_cache") is not True:
+        fields["use_cache"] = True
+        config_file.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
 def load_rows(path: str, mode: str) -> datasets.Dataset:
     """Read a data file into a Dataset: .txt -> one row per paragraph in `text`, .jsonl/.json -> one per record."""
     if not Path(path).is_file():
@@ -383,7 +404,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         if training_args.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need an input with grad
             model.enable_input_require_grads()
 
-    callbacks = []
+    callbacks = [KeepUseCacheCallback()]
     if data_args.mode == "supervised":
         callbacks.append(SaveTemplateCallback(template_of(data_args)))
     if extra_args.early_stopping_patience is not None:
@@ -479,6 +500,8 @@ def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_arg
             return
         model = model.merge_and_unload()
     if trainer.is_world_process_zero():
+        # training may have switched the cache off (gradient checkpointing, TRL); the checkpoint is for inference
+        model.config.use_cache = True
         # save_pretrained copies the modeling files because MiniGPT registers itself with register_for_auto_class
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
