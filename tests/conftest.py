@@ -183,3 +183,14 @@ def no_leaked_debug_hooks():
     yield
     for name in [k for k in os.environ if k.startswith("MINIGPT_DEBUG_") and k not in before]:
         del os.environ[name]
+
+
+@pytest.fixture
+def processes():
+    """Every subprocess.Popen a test appends here; killed at teardown if the test failed before it ended."""
+    started = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()  # SIGKILL ends a SIGSTOPped process too
+            proc.wait(30)

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300  # the first run tokenizes the built-in corpus (about 35 s on 2 cores); a timeout means a hang
@@ -21,14 +20,6 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--log_every", "1",
 MEASURED = ("validation perplexity", "unigram perplexity", "PASS", "FAIL", "sample ---", "tokens/s on")
 
 
-@pytest.fixture
-def processes():
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
 
 
 def demo(processes: list, log: Path, *argv: str) -> subprocess.Popen:

@@ -38,15 +38,6 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 WAIT_S = 180  # upper bound for any single wait on a subprocess: a timeout means a hang, never a slow machine
 
 
-@pytest.fixture
-def processes():
-    """Every process a test starts; killed at teardown if the test failed before it ended."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()  # SIGKILL ends a SIGSTOPped process too
-            proc.wait(30)
 
 
 def launch(processes: list, argv: list[str], log: Path, **env) -> subprocess.Popen:
