@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300  # the first run tokenizes the built-in corpus (about 35 s on 2 cores); a timeout means a hang
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--log_every", "1", "--eval_every", "0",
