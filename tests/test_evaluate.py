@@ -219,3 +219,17 @@ def test_threads_are_set_from_the_option(folders, long_text, capsys):
         assert torch.get_num_threads() == 2 and "torch threads: 2" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("script", ["train.finetune", "train.evaluation"])
+def test_bad_input_on_the_command_line_is_one_error_line_not_a_traceback(tmp_path, script):
+    """As train.pretrain, train.generate and hub.push do: the message that names the fix, without 18 lines of
+    traceback around it."""
+    args = (["--model_name_or_path", "./no-such-model", "--train_file", str(EN_FR), "--output_dir", str(tmp_path / "o")]
+            if script == "train.finetune" else ["./no-such-model", "--data", str(EN_FR)])  # fmt: skip
+    proc = subprocess.run([PYTHON, "-m", script, *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=subprocess_env(), timeout=300)  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    name = script.split(".")[1]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{name}: error: ") and "no such folder" in proc.stderr

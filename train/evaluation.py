@@ -350,4 +350,7 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
+        raise SystemExit(f"evaluation: error: {error}") from None

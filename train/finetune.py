@@ -514,4 +514,7 @@ def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_arg
 
 if __name__ == "__main__":
     transformers.utils.logging.set_verbosity_warning()
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
+        raise SystemExit(f"finetune: error: {error}") from None
