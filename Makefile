@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(PY) -m train.demo
+	$(PY) -m minigpt.train.demo
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

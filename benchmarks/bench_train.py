@@ -8,7 +8,7 @@ GPU: bf16 autocast; CPU: fp32. Eager and torch.compile. Reports the median step 
     python -m benchmarks.bench_train --device cuda --size gpt2-124m --modes eager,compiled
     python -m benchmarks.bench_train --device cpu --ablations     # each MiniGPT technique switched off in turn
 
-MiniGPT trains with `skip_logits=True` (the fused LM-head + cross-entropy loss), as train/pretrain.py should.
+MiniGPT trains with `skip_logits=True` (the fused LM-head + cross-entropy loss), as minigpt/train/pretrain.py should.
 The ablations switch one technique off each:
     minigpt:logits      the loss through transformers' ForCausalLMLoss on materialised [B, T, V] logits
     minigpt:gelu_new    GPT-2's 8-op tanh GELU instead of the fused kernel
@@ -23,7 +23,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from benchmarks import common
-from train.monitoring import count_params, flops_per_token, mfu
+from minigpt.train.monitoring import count_params, flops_per_token, mfu
 
 ABLATIONS = ["minigpt:logits", "minigpt:gelu_new", "minigpt:vocab50257", "minigpt:mask"]
 

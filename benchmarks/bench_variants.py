@@ -1,7 +1,7 @@
 """Learning quality of every model variant: each combination of positions x LayerNorm x activation trained with
 the default recipe at the `tiny` preset, side by side with the baseline (learned positions, pre-LN, GELU).
 
-Each run is `python -m train.pretrain --config tiny` in its own process, on the built-in corpus, with only the
+Each run is `python -m minigpt.train.pretrain --config tiny` in its own process, on the built-in corpus, with only the
 variant's flags changed; the figure is the final validation loss over the whole split (nats per token; lower is
 better), read from the run's log.jsonl. The bar: within 5% of the baseline's loss (its mean over
 --baseline_seeds seeds), and below the unigram model's loss on the same split.
@@ -29,7 +29,7 @@ BAR = 0.05  # relative to the baseline's loss
 def train_variant(position: str, norm: str, activation: str, seed: int, args) -> dict:
     """Train one variant in a fresh process; returns its final (whole-split) evaluation and the recipe it used."""
     out = Path(args.work_dir) / f"{position}-{norm}-{activation}-{seed}"
-    argv = [sys.executable, "-m", "train.pretrain", "--config", "tiny", "--output_dir", str(out), "--cpu",
+    argv = [sys.executable, "-m", "minigpt.train.pretrain", "--config", "tiny", "--output_dir", str(out), "--cpu",
             "--overwrite_output_dir", "--report_to", "none", "--save_every", "0", "--seed", str(seed),
             "--position_embedding_type", position, "--norm_position", norm,
             "--activation_function", activation]  # fmt: skip

@@ -1,6 +1,6 @@
 """The causal-LM loss computed from the hidden states chunk by chunk, never holding the full [B, T, V] logits.
 
-`MiniGPTForCausalLM.forward(..., skip_logits=True)` uses it (the argument Trainer passes, and train/pretrain.py).
+`MiniGPTForCausalLM.forward(..., skip_logits=True)` uses it (the argument Trainer passes, and minigpt/train/pretrain.py).
 It sits beside the model so that save_pretrained copies it with the modeling code, as a relative import.
 """
 

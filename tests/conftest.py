@@ -50,7 +50,7 @@ def fresh_accelerate_state():
     """Each in-process pretraining run builds its own Accelerator, and accelerate keeps process-wide singletons
     between them. accelerate has no public reset: its own test base class (accelerate.test_utils.AccelerateTestCase)
     calls these two private methods in tearDown, so this fixture does the same, in this one place. Modules that run
-    train.pretrain in-process use it with `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`."""
+    minigpt.train.pretrain in-process use it with `pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`."""
     yield
     from accelerate.state import AcceleratorState, GradientState
 
@@ -84,7 +84,7 @@ def corpus(tmp_path_factory):
 
 
 def tiny_args(corpus, out, *extra) -> list[str]:
-    """train.pretrain's command line for a ~9k-parameter model on 16-token blocks: a step takes milliseconds."""
+    """minigpt.train.pretrain's command line for a ~9k-parameter model on 16-token blocks: a step takes milliseconds."""
     return [
         "--data", str(corpus), "--output_dir", str(out), "--cpu",
         "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "300",
@@ -117,7 +117,7 @@ def assert_same_weights(a, b, atol: float = 0.0) -> None:
 
 
 def debug_env(**hooks) -> dict[str, str]:
-    """train.args.DebugHooks as environment variables: debug_env(save_delay=2) == {"MINIGPT_DEBUG_SAVE_DELAY": "2"}."""
+    """minigpt.train.args.DebugHooks as environment variables: debug_env(save_delay=2) == {"MINIGPT_DEBUG_SAVE_DELAY": "2"}."""
     return {f"MINIGPT_DEBUG_{name.upper()}": str(value) for name, value in hooks.items()}
 
 

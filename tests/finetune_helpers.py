@@ -1,4 +1,4 @@
-"""What the fine-tuning, evaluation and LoRA tests share: the example files, a tiny checkpoint, and train.finetune
+"""What the fine-tuning, evaluation and LoRA tests share: the example files, a tiny checkpoint, and minigpt.train.finetune
 run in this process. Not a test module (pytest collects test_*.py only); the tests import from it."""
 
 import json
@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from minigpt.train import finetune
+from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTForCausalLM
-from train import finetune
-from train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "train" / "examples"
+EXAMPLES = ROOT / "minigpt" / "train" / "examples"
 EN_FR = EXAMPLES / "en_fr.jsonl"
 QA = EXAMPLES / "qa.jsonl"
 PYTHON = sys.executable

@@ -72,7 +72,7 @@ def test_bench_generate_bad_arguments_say_what_to_change(argv, words):
 
 
 def test_benchmark_flags_take_the_underscore_spelling_of_the_train_scripts_and_the_dashed_one():
-    """`--peak_tflops` as in train.pretrain; the dashed spellings the benchmarks began with keep working."""
+    """`--peak_tflops` as in minigpt.train.pretrain; the dashed spellings the benchmarks began with keep working."""
     from benchmarks import bench_generate, bench_train
 
     for spelling in (["--peak_tflops", "5", "--seq_len", "8", "--batch_size", "2"],
@@ -84,9 +84,9 @@ def test_benchmark_flags_take_the_underscore_spelling_of_the_train_scripts_and_t
 
 
 def test_benchmarks_count_mfu_with_the_training_formula_and_peak_table():
-    """One copy of each: benchmarks/common.py looks peaks up in train.monitoring; bench_train counts FLOPs with it."""
+    """One copy of each: benchmarks/common.py looks peaks up in minigpt.train.monitoring; bench_train counts FLOPs with it."""
     from benchmarks import bench_train, common
-    from train import monitoring
+    from minigpt.train import monitoring
 
     assert bench_train.flops_per_token is monitoring.flops_per_token
     assert bench_train.count_params is monitoring.count_params

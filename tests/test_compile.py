@@ -49,7 +49,7 @@ def test_training_forward_and_loss_has_no_graph_breaks(pos, skip_logits):
 
 
 def test_training_with_num_items_in_batch_has_no_graph_breaks():
-    # what Trainer and train/pretrain.py pass under gradient accumulation
+    # what Trainer and minigpt/train/pretrain.py pass under gradient accumulation
     model = build().train()
     ids = torch.randint(3, 100, (2, 16))
     n = torch.tensor(40)

@@ -19,9 +19,9 @@ from hub_server import hub_env
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from hub.convert_gpt2 import convert_state_dict, gpt2_to_minigpt, main, minigpt_to_gpt2
+from minigpt.hub.convert_gpt2 import convert_state_dict, gpt2_to_minigpt, main, minigpt_to_gpt2
+from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from train.tokenizer import train_tokenizer
 
 ATOL = 1e-5
 TEXT = ["the quick brown fox jumps over the lazy dog and the dog sleeps in the sun"] * 20
@@ -189,7 +189,7 @@ def test_special_ids_outside_the_vocabulary_are_dropped_with_a_warning(tmp_path)
     gpt2 = _perturb(GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4)), 1)
     assert (gpt2.config.bos_token_id, gpt2.config.eos_token_id) == (50256, 50256)
     gpt2.save_pretrained(tmp_path / "gpt2")
-    cmd = [sys.executable, "-m", "hub.convert_gpt2", str(tmp_path / "gpt2"), str(tmp_path / "mini")]
+    cmd = [sys.executable, "-m", "minigpt.hub.convert_gpt2", str(tmp_path / "gpt2"), str(tmp_path / "mini")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     for name in ("bos_token_id", "eos_token_id"):
@@ -216,7 +216,7 @@ def test_every_gpt2_config_value_minigpt_refuses_is_dropped_or_reset_with_a_warn
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, **odd))
     gpt2 = _perturb(gpt2, 1)
     gpt2.save_pretrained(tmp_path / "gpt2")
-    with caplog.at_level(logging.WARNING, logger="hub.convert_gpt2"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.hub.convert_gpt2"):
         main([str(tmp_path / "gpt2"), str(tmp_path / "mini")])
     for message in (
         "bos_token_id=50256 is outside the vocabulary of 97; dropped (set to None)",
@@ -255,7 +255,7 @@ def test_name_table_counts_every_tensor():
 
 
 def test_converts_a_hub_id(hub, tmp_path, tokenizer):
-    """`python -m hub.convert_gpt2 OWNER/NAME DST` downloads from the Hub (here the local test Hub) and converts.
+    """`python -m minigpt.hub.convert_gpt2 OWNER/NAME DST` downloads from the Hub (here the local test Hub) and converts.
     The repo is laid out like openai-community/gpt2: GPT2Model-style names without the `transformer.` prefix, the
     old causal-mask buffers `h.N.attn.bias`, no `lm_head.weight` (tied), and a tokenizer."""
     gpt2 = _tiny_gpt2("sdpa")
@@ -268,7 +268,7 @@ def test_converts_a_hub_id(hub, tmp_path, tokenizer):
     files = {p.name: p.read_bytes() for p in (tmp_path / "gpt2").iterdir()}
     hub.create_repo("openai-community/tiny-gpt2", files=files)
 
-    cmd = [sys.executable, "-m", "hub.convert_gpt2", "openai-community/tiny-gpt2", str(tmp_path / "mini")]
+    cmd = [sys.executable, "-m", "minigpt.hub.convert_gpt2", "openai-community/tiny-gpt2", str(tmp_path / "mini")]
     run = subprocess.run(cmd, env=hub_env(hub, token=None), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "wrote MiniGPTForCausalLM" in run.stdout

@@ -6,7 +6,7 @@ import math
 import pytest
 from conftest import make_corpus, write_txt
 
-from train.data import (
+from minigpt.train.data import (
     DataArguments,
     DataError,
     default_corpus,

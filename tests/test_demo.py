@@ -1,4 +1,4 @@
-"""`python -m train.demo` interrupted with Ctrl-C (a real SIGINT to a real process): it says so, reports nothing it did
+"""`python -m minigpt.train.demo` interrupted with Ctrl-C (a real SIGINT to a real process): it says so, reports nothing it did
 not measure, names a command that continues it, and a new demo never reports an earlier run's model.
 
 The demo trains on the built-in corpus (tokenized once, then cached under the tests' HF_HOME); the passthrough flags
@@ -22,11 +22,11 @@ MEASURED = ("validation perplexity", "unigram perplexity", "PASS", "FAIL", "samp
 
 
 def demo(processes: list, log: Path, *argv: str) -> subprocess.Popen:
-    """Start `python -m train.demo argv` from the repo root, stdout and stderr in the file `log`."""
+    """Start `python -m minigpt.train.demo argv` from the repo root, stdout and stderr in the file `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "train.demo", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "minigpt.train.demo", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env
         )
     proc.log = log
     processes.append(proc)
@@ -61,7 +61,7 @@ def test_an_interrupted_demo_says_so_and_continues_and_a_new_one_never_reports_t
     assert_interrupted(text, proc)
     stopped = int(text.split("Stopped at step ")[1].split()[0])
     continue_line = next(line for line in text.splitlines() if line.startswith("continue:"))
-    assert continue_line.split(maxsplit=1)[1] == f"python -m train.demo --output_dir {out} --resume"
+    assert continue_line.split(maxsplit=1)[1] == f"python -m minigpt.train.demo --output_dir {out} --resume"
     assert not (out / "model.safetensors").exists()
 
     # 2. that command continues it (here to a nearer end): the report is of the model trained to that step
@@ -80,4 +80,4 @@ def test_an_interrupted_demo_says_so_and_continues_and_a_new_one_never_reports_t
     text = interrupt_after_step(proc, 3)
     assert_interrupted(text, proc)
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
-    assert "python -m train.demo --output_dir" in text
+    assert "python -m minigpt.train.demo --output_dir" in text

@@ -1,4 +1,4 @@
-"""train/evaluation.py and the project's evaluate metric modules, on MiniGPT and on a random GPT2LMHeadModel."""
+"""minigpt/train/evaluation.py and the project's evaluate metric modules, on MiniGPT and on a random GPT2LMHeadModel."""
 
 import json
 import math
@@ -11,10 +11,10 @@ import torch
 from finetune_helpers import EN_FR, PYTHON, ROOT, make_checkpoint, read_jsonl, subprocess_env
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from train import evaluation as lm_eval
-from train.metrics import metric_path
-from train.pairs import PromptTemplate
-from train.tokenizer import train_tokenizer
+from minigpt.train import evaluation as lm_eval
+from minigpt.train.metrics import metric_path
+from minigpt.train.pairs import PromptTemplate
+from minigpt.train.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_pair_metrics_score_the_generated_answers(folders, decoding):
 
 
 def test_pairs_from_the_command_line_by_path(folders, tmp_path):
-    """`python train/evaluation.py`: train/ comes first on sys.path there and must not shadow the evaluate library."""
-    proc = subprocess.run([PYTHON, str(ROOT / "train" / "evaluation.py"), str(folders["gpt2"]), "--data", str(EN_FR),
+    """`python minigpt/train/evaluation.py`: train/ comes first on sys.path there and must not shadow the evaluate library."""
+    proc = subprocess.run([PYTHON, str(ROOT / "minigpt" / "train" / "evaluation.py"), str(folders["gpt2"]), "--data", str(EN_FR),
                            "--num_beams", "2", "--max_new_tokens", "4", "--batch_size", "50",
                            "--output_json", str(tmp_path / "r.json")],
                           capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=300)  # fmt: skip
@@ -221,15 +221,14 @@ def test_threads_are_set_from_the_option(folders, long_text, capsys):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("script", ["train.finetune", "train.evaluation"])
+@pytest.mark.parametrize("script", ["minigpt.train.finetune", "minigpt.train.evaluation"])
 def test_bad_input_on_the_command_line_is_one_error_line_not_a_traceback(tmp_path, script):
-    """As train.pretrain, train.generate and hub.push do: the message that names the fix, without 18 lines of
-    traceback around it."""
+    """As pretrain, generate and push do: the message that names the fix, without 18 lines of traceback around it."""
     args = (["--model_name_or_path", "./no-such-model", "--train_file", str(EN_FR), "--output_dir", str(tmp_path / "o")]
-            if script == "train.finetune" else ["./no-such-model", "--data", str(EN_FR)])  # fmt: skip
+            if script == "minigpt.train.finetune" else ["./no-such-model", "--data", str(EN_FR)])  # fmt: skip
     proc = subprocess.run([PYTHON, "-m", script, *args], capture_output=True, text=True, cwd=tmp_path,
                           env=subprocess_env(), timeout=300)  # fmt: skip
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    name = script.split(".")[1]
+    name = script.split(".")[-1]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"{name}: error: ") and "no such folder" in proc.stderr

@@ -1,4 +1,4 @@
-"""hub/export_onnx.py: ONNX export with a KV cache, checked against PyTorch through onnxruntime.
+"""minigpt/hub/export_onnx.py: ONNX export with a KV cache, checked against PyTorch through onnxruntime.
 
 For each position type, a tiny model is exported once (prefill + decode graphs); onnxruntime must give the logits of
 PyTorch to 1e-4 on a left-padded batch, through the cache too, and greedy_onnx the same tokens as generate().
@@ -14,7 +14,7 @@ from modeling_minigpt import MiniGPTForCausalLM
 pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript: pip install -e '.[dev]'")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -e '.[dev]'")
 
-from hub import export_onnx
+from minigpt.hub import export_onnx
 
 PAD, EOS = 0, 2
 
@@ -111,9 +111,9 @@ def test_a_folder_without_config_json_is_refused_with_the_fix(tmp_path):
         export_onnx.export(tmp_path, tmp_path / "onnx")
     with pytest.raises(FileNotFoundError, match="not a folder"):
         export_onnx.export(tmp_path / "missing", tmp_path / "onnx")
-    with pytest.raises(FileNotFoundError, match="python -m hub.export_onnx"):
+    with pytest.raises(FileNotFoundError, match="python -m minigpt.hub.export_onnx"):
         export_onnx.load_sessions(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(ValueError, match="not MiniGPT.*hub.convert_gpt2"):
+    with pytest.raises(ValueError, match="not MiniGPT.*minigpt.hub.convert_gpt2"):
         export_onnx.export(tmp_path, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()

@@ -1,6 +1,6 @@
 """Faults during pretraining, with real processes, real signals and real filesystems.
 
-Each test runs `train/pretrain.py` on a ~9k-parameter model (16-token blocks, vocabulary 300) and breaks it the way
+Each test runs `minigpt/train/pretrain.py` on a ~9k-parameter model (16-token blocks, vocabulary 300) and breaks it the way
 a rented GPU node breaks a days-long run:
 - SIGINT, then SIGTERM after a resume: a checkpoint, exit 0, and the resumed run follows the uninterrupted losses;
 - SIGKILL while a checkpoint is being written: the previous checkpoint stays intact and is the one resumed;
@@ -12,7 +12,7 @@ a rented GPU node breaks a days-long run:
   and a resume from the last checkpoint continues the same losses.
 
 Subprocesses write their output to files (a full pipe would block them) and run with one intra-op thread. Injected
-faults and the save delay come from train.args.DebugHooks, switched on through MINIGPT_DEBUG_* environment variables.
+faults and the save delay come from minigpt.train.args.DebugHooks, switched on through MINIGPT_DEBUG_* environment variables.
 """
 
 import hashlib
@@ -30,9 +30,9 @@ import pytest
 import torch
 from conftest import assert_same_weights, debug_env, free_port, losses, read_log, tiny_args, weights
 
-from train.args import EXIT_NONFINITE
-from train.checkpoints import latest_checkpoint
-from train.pretrain import main
+from minigpt.train.args import EXIT_NONFINITE
+from minigpt.train.checkpoints import latest_checkpoint
+from minigpt.train.pretrain import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 WAIT_S = 180  # upper bound for any single wait on a subprocess: a timeout means a hang, never a slow machine
@@ -41,11 +41,11 @@ WAIT_S = 180  # upper bound for any single wait on a subprocess: a timeout means
 
 
 def launch(processes: list, argv: list[str], log: Path, **env) -> subprocess.Popen:
-    """Start `python -m train.pretrain argv` with stdout+stderr in the file `log`."""
+    """Start `python -m minigpt.train.pretrain argv` with stdout+stderr in the file `log`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "train.pretrain", *argv], cwd=log.parent, stdout=f, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "minigpt.train.pretrain", *argv], cwd=log.parent, stdout=f, stderr=subprocess.STDOUT, env=env
         )
     proc.log = log
     processes.append(proc)

@@ -1,6 +1,6 @@
-"""train/finetune.py: Trainer fine-tuning in causal and supervised modes, on tiny models built here.
+"""minigpt/train/finetune.py: Trainer fine-tuning in causal and supervised modes, on tiny models built here.
 
-The checks that prove learning: a tiny model fine-tuned on train/examples/en_fr.jsonl reproduces at least 80% of
+The checks that prove learning: a tiny model fine-tuned on minigpt/train/examples/en_fr.jsonl reproduces at least 80% of
 the answers exactly (label masking and the template work end to end), and pretraining then fine-tuning lowers the
 held-out perplexity of the fine-tuning data (test_pretrain_then_finetune_lowers_held_out_perplexity).
 """
@@ -31,11 +31,11 @@ from finetune_helpers import (
 from hub_server import hub_env
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-from train import evaluation as lm_eval
-from train import finetune
-from train.finetune import CausalCollator
-from train.pairs import PromptTemplate, SupervisedCollator, encode_pair
-from train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
+from minigpt.train import evaluation as lm_eval
+from minigpt.train import finetune
+from minigpt.train.finetune import CausalCollator
+from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair
+from minigpt.train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_causal_rows_packed_or_padded(tokenizer, eos_pad_tokenizer, tmp_path, pa
 
 
 def test_causal_finetuning_with_a_tokenizer_without_pad_trains_on_every_eos(tmp_path, eos_pad_tokenizer):
-    """The run itself: train.finetune --mode causal on a pad-less tokenizer feeds Trainer batches whose EOS
+    """The run itself: minigpt.train.finetune --mode causal on a pad-less tokenizer feeds Trainer batches whose EOS
     separators are all targets (DataCollatorForLanguageModeling kept none of them)."""
     base = make_checkpoint(tmp_path / "base", eos_pad_tokenizer)
     data = qa_text_file(tmp_path / "qa.txt", read_jsonl(QA)[:16])
@@ -187,7 +187,7 @@ def test_bad_supervised_input_is_refused_with_a_fix(tokenizer, tmp_path, caplog)
         encode_pair(tokenizer, template, "hello", long_prompt, 16, truncation="left")
 
     long_rows = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_prompt, "answer": "le chat"}] * 3)
-    caplog.set_level(logging.WARNING, logger="train.finetune")
+    caplog.set_level(logging.WARNING, logger="minigpt.train.finetune")
     finetune.build_datasets(finetune.DataArguments(train_file=str(long_rows), mode="supervised"), tokenizer, 32, 0)
     assert "3 of 3 rows" in caplog.text and "lost tokens on the left" in caplog.text
     with pytest.raises(ValueError, match="--truncation"):
@@ -376,7 +376,7 @@ def test_accelerate_launch_two_processes_by_path_with_yaml_and_push_to_a_local_h
     )
     # 2 real ranks on CPU (gloo); the script by path, its arguments from the YAML file plus overrides
     cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train" / "finetune.py"), str(config),
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "minigpt" / "train" / "finetune.py"), str(config),
            "--max_steps", "3", "--push_to_hub", "true", "--hub_model_id", "alice/minigpt-qa"]  # fmt: skip
     env = hub_env(hub, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
@@ -389,7 +389,7 @@ def test_accelerate_launch_two_processes_by_path_with_yaml_and_push_to_a_local_h
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not torch.equal(model.lm_head.weight, weights(base)["model.embed_tokens.weight"])  # it trained
 
-    files = hub.files("alice/minigpt-qa")  # pushed once, by rank 0, through hub.push.push_folder
+    files = hub.files("alice/minigpt-qa")  # pushed once, by rank 0, through minigpt.hub.push.push_folder
     assert {"config.json", "model.safetensors", "modeling_minigpt.py", "tokenizer.json", "prompt_template.json",
             "generation_config.json"} <= set(files)
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
@@ -404,7 +404,7 @@ def test_accelerate_launch_two_processes_by_path_with_yaml_and_push_to_a_local_h
 def test_finetune_starts_from_a_checkpoint_converted_from_gpt2(tmp_path, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hub.convert_gpt2 import gpt2_to_minigpt
+    from minigpt.hub.convert_gpt2 import gpt2_to_minigpt
 
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
@@ -423,13 +423,13 @@ def test_finetune_starts_from_a_checkpoint_converted_from_gpt2(tmp_path, tokeniz
 
 @pytest.mark.slow
 def test_pretrain_then_finetune_lowers_held_out_perplexity(tmp_path):
-    """train.pretrain on the default corpus (Shakespeare), then causal fine-tuning on most of the question/answer
-    set: the perplexity of the held-out questions and answers must fall, measured by train/evaluation.py."""
+    """minigpt.train.pretrain on the default corpus (Shakespeare), then causal fine-tuning on most of the question/answer
+    set: the perplexity of the held-out questions and answers must fall, measured by minigpt/train/evaluation.py."""
     rows = read_jsonl(QA)
     train_text, held_out = qa_text_file(tmp_path / "qa_train.txt", rows[:-16]), qa_text_file(
         tmp_path / "qa_held_out.txt", rows[-16:])  # fmt: skip
     pretrained = tmp_path / "pretrained"
-    pretrain = [PYTHON, "-m", "train.pretrain", "--n_layer", "2", "--n_head", "4", "--n_embd", "64",
+    pretrain = [PYTHON, "-m", "minigpt.train.pretrain", "--n_layer", "2", "--n_head", "4", "--n_embd", "64",
                 "--block_size", "64", "--vocab_size", "512", "--tokenizer_train_mb", "1", "--max_steps", "100",
                 "--batch_size", "16", "--learning_rate", "3e-3", "--warmup_steps", "10", "--eval_every", "0",
                 "--eval_batches", "2", "--log_every", "50", "--cpu", "--output_dir", str(pretrained),
@@ -473,7 +473,7 @@ print(json.dumps([generate(p, return_full_text=False)[0]["generated_text"] for p
 def test_a_supervised_finetune_answers_right_through_the_pipeline_call_of_its_card(tmp_path, tokenizer):
     """What the model was trained on ([BOS] prompt separator) is what the card's plain pipeline call gives it:
     the saved tokenizer adds BOS, generation_config.json decodes greedily, and the card shows the template."""
-    from hub.model_card import build_model_card
+    from minigpt.hub.model_card import build_model_card
 
     base = make_checkpoint(tmp_path / "base", tokenizer)
     # pretraining's sampling defaults, which must not carry over into the fine-tuned model
@@ -539,7 +539,7 @@ def test_a_misspelled_local_path_fails_at_once_without_asking_the_hub(tmp_path, 
 
 
 def test_short_runs_log_the_loss_while_training_and_the_threads_at_start(base, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="train.finetune"):
+    with caplog.at_level(logging.INFO, logger="minigpt.train.finetune"):
         trainer = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir",
                       tmp_path / "out", max_steps=10, per_device_train_batch_size=4, save_strategy="no")  # fmt: skip
     assert "torch threads: 1 (--threads)" in caplog.text and torch.get_num_threads() == 1

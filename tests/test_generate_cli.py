@@ -1,4 +1,4 @@
-"""train/generate.py: every strategy against transformers' own generate, seeds, streaming, and bad inputs."""
+"""minigpt/train/generate.py: every strategy against transformers' own generate, seeds, streaming, and bad inputs."""
 
 import os
 import re
@@ -11,10 +11,10 @@ import torch
 from conftest import make_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from minigpt.train import generate
+from minigpt.train.threads import default_threads
+from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from train import generate
-from train.threads import default_threads
-from train.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "the king hath"
@@ -125,7 +125,7 @@ def test_bad_inputs_are_clear_errors(model_dir, capsys, args, message):
 
 
 def test_script_runs_by_path_from_any_directory(model_dir, tmp_path):
-    cmd = [sys.executable, str(REPO / "train" / "generate.py"), "--model", str(model_dir), "--prompt", PROMPT,
+    cmd = [sys.executable, str(REPO / "minigpt" / "train" / "generate.py"), "--model", str(model_dir), "--prompt", PROMPT,
            "--strategy", "greedy", "--max_new_tokens", "12", "--no_stream"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip

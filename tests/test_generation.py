@@ -160,7 +160,7 @@ def test_batched_left_padding_gives_each_row_its_own_tokens_and_logits():
 
 
 def test_text_streamer_receives_the_generated_text(capsys):
-    from train.tokenizer import train_tokenizer
+    from minigpt.train.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(["to be or not to be, that is the question"] * 20, vocab_size=300)
     model = build(vocab_size=len(tokenizer))

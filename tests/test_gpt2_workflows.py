@@ -1,5 +1,5 @@
 """Workflows users run on a model, each run on transformers' GPT2LMHeadModel and on MiniGPT holding the same weights
-(converted with hub/convert_gpt2.py), so the two compute the same function. Where GPT-2 gets it right, MiniGPT must
+(converted with minigpt/hub/convert_gpt2.py), so the two compute the same function. Where GPT-2 gets it right, MiniGPT must
 give the same result:
 - generate after the head's weights are changed in place (`.data` writes, new-token rows, a merged LoRA);
 - training with gradient checkpointing and `use_cache=True`.
@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hub.convert_gpt2 import config_from_gpt2, convert_state_dict
+from minigpt.hub.convert_gpt2 import config_from_gpt2, convert_state_dict
 from modeling_minigpt import MiniGPTForCausalLM
 from modeling_minigpt.modeling_minigpt import CACHE_NAME
 

@@ -1,6 +1,6 @@
 """Publishing to the Hub, against a local Hub-compatible server (tests/hub_server.py) and the real client.
 
-A tiny MiniGPT and its tokenizer are trained here, pushed with `python -m hub.push`, and loaded back by repo id in
+A tiny MiniGPT and its tokenizer are trained here, pushed with `python -m minigpt.hub.push`, and loaded back by repo id in
 fresh processes where `modeling_minigpt` cannot be imported, under the newest and the oldest transformers.
 Clients run in subprocesses because huggingface_hub reads HF_ENDPOINT and HF_TOKEN when it is imported.
 """
@@ -23,10 +23,10 @@ from conftest import tiny_config
 from hub_server import OTHER_TOKEN, WRITE_TOKEN, hub_env, validate_card_metadata
 from transformers import GenerationConfig
 
-from hub.model_card import build_model_card, count_parameters
-from hub.push import check_checkpoint, push_folder
+from minigpt.hub.model_card import build_model_card, count_parameters
+from minigpt.hub.push import check_checkpoint, push_folder
+from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTForCausalLM
-from train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OLDEST_PYTHON = ROOT / ".venv-oldest" / "bin" / "python"
@@ -150,7 +150,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def _push(hub, *args, token=WRITE_TOKEN, **env):
     run = subprocess.run(
-        [sys.executable, "-m", "hub.push", *map(str, args)],
+        [sys.executable, "-m", "minigpt.hub.push", *map(str, args)],
         env=hub_env(hub, token=token, **env),
         capture_output=True,
         text=True,
@@ -503,7 +503,7 @@ def test_card_license_comes_from_the_user(tmp_path):
 
 
 def test_card_reads_data_and_peak_learning_rate_from_the_checkpoint_records(tmp_path):
-    """A train.pretrain checkpoint records its data and schedule in train_state.json; Trainer's log_history holds
+    """A minigpt.train.pretrain checkpoint records its data and schedule in train_state.json; Trainer's log_history holds
     the scheduled rate at each log, whose peak is the largest, not the last."""
     step = tmp_path / "step-40"
     tiny_config().save_pretrained(step)
@@ -546,7 +546,7 @@ def test_card_of_a_supervised_finetune_shows_its_prompt_template(tmp_path):
 def test_the_card_quotes_the_evaluation_over_the_whole_validation_split(tmp_path):
     """Periodic evaluations may read a sample of the split (and the log says so); the card's figure must be the one
     over every block, even when a sampled one comes after it (a run continued after its final evaluation)."""
-    from hub.model_card import read_training_info
+    from minigpt.hub.model_card import read_training_info
 
     records = [
         {"step": 100, "val_loss": 5.0, "val_perplexity": 148.4, "val_blocks": 400, "val_split_blocks": 860},

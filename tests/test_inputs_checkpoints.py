@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from train.pretrain import main
+from minigpt.train.pretrain import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

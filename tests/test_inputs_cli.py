@@ -1,4 +1,4 @@
-"""Command lines and config files of train/pretrain.py, and the config reader train/finetune.py shares with it.
+"""Command lines and config files of minigpt/train/pretrain.py, and the config reader minigpt/train/finetune.py shares with it.
 
 Each bad value is a usage error, before any work starts, whose message names the flag and what to change: specific
 inputs are checked against specific messages here (random ones in test_inputs_cli_fuzz.py). Presets and config
@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from train.args import PRESETS_DIR, DebugHooks, parse_args, read_arguments
+from minigpt.train.args import PRESETS_DIR, DebugHooks, parse_args, read_arguments
 
 
 def usage_error(argv: list[str], capsys) -> str:
@@ -145,7 +145,7 @@ def test_config_file_values_are_type_checked_like_flags_in_both_scripts(tmp_path
     such values through to fail deep inside)."""
     from transformers import HfArgumentParser
 
-    from train import finetune
+    from minigpt.train import finetune
 
     cfg = tmp_path / "typo.yaml"
     cfg.write_text("max_steps: ten\n")

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from train.args import ModelArguments, TrainArguments, parse_args
+from minigpt.train.args import ModelArguments, TrainArguments, parse_args
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings
@@ -63,7 +63,7 @@ ALIASES = {"dropout": ["pdrop"], "n_positions": ["block_size"], "block_size": ["
 def _dataclass_fields() -> dict:
     from dataclasses import fields
 
-    from train.data import DataArguments
+    from minigpt.train.data import DataArguments
 
     return {f.name: f for dc in (ModelArguments, DataArguments, TrainArguments) for f in fields(dc)}
 

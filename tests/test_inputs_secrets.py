@@ -1,4 +1,4 @@
-"""The Hub token: a `pretrain --push_to_hub` run and a `python -m hub.push`, against tests/hub_server.py, print it
+"""The Hub token: a `pretrain --push_to_hub` run and a `python -m minigpt.hub.push`, against tests/hub_server.py, print it
 nowhere and write it into no file.
 """
 
@@ -9,7 +9,7 @@ from conftest import tiny_args
 
 
 def test_no_output_and_no_written_file_holds_the_hub_token(corpus, tmp_path):
-    """A `pretrain --push_to_hub` run and a `python -m hub.push`, against the local Hub server, with the token in
+    """A `pretrain --push_to_hub` run and a `python -m minigpt.hub.push`, against the local Hub server, with the token in
     HF_TOKEN: stdout, stderr, every file they wrote (output folder, checkpoints, model card, log, TensorBoard events,
     their HF_HOME and TMPDIR) and every file they pushed are searched for it, as bytes."""
     from hub_server import WRITE_TOKEN, hub_env, running_hub
@@ -21,8 +21,8 @@ def test_no_output_and_no_written_file_holds_the_hub_token(corpus, tmp_path):
         env = hub_env(hub, HF_HOME=str(home), TMPDIR=str(tmp))
         argv = tiny_args(corpus, out, "--max_steps", 4, "--save_every", 2, "--eval_every", 2, "--report_to",
                          "tensorboard", "--push_to_hub", "--hub_model_id", "alice/secret-test")  # fmt: skip
-        train = [sys.executable, "-m", "train.pretrain", *argv]
-        push = [sys.executable, "-m", "hub.push", str(out), "alice/secret-test-cli"]
+        train = [sys.executable, "-m", "minigpt.train.pretrain", *argv]
+        push = [sys.executable, "-m", "minigpt.hub.push", str(out), "alice/secret-test-cli"]
         runs = [subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, timeout=600) for cmd in (train, push)]
         for run in runs:
             assert run.returncode == 0, run.stderr.decode(errors="replace")[-3000:]

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import make_corpus, write_txt
 
-from train.data import DataArguments, DataError, load_documents, prepare_data, resolve_data_files
+from minigpt.train.data import DataArguments, DataError, load_documents, prepare_data, resolve_data_files
 
 
 def prepare(tmp_path, data, **overrides):

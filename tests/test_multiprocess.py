@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import debug_env, free_port, make_corpus, read_log, tiny_args, weights, write_txt
 
-from train.pretrain import main
+from minigpt.train.pretrain import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_two_processes_agree_shard_the_data_and_only_rank0_writes(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        str(REPO / "train" / "pretrain.py"),
+        str(REPO / "minigpt" / "train" / "pretrain.py"),
         *tiny_args(corpus, out, "--max_steps", steps, "--batch_size", batch, "--gradient_accumulation_steps",
                    accumulation, "--save_every", 5, "--eval_every", 5, "--report_to", "tensorboard"),
     ]  # fmt: skip

@@ -11,8 +11,8 @@ from finetune_helpers import EN_FR, make_checkpoint, run, weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from minigpt.train.finetune import DEFAULT_LORA_TARGETS, apply_lora
 from modeling_minigpt import MiniGPTForCausalLM
-from train.finetune import DEFAULT_LORA_TARGETS, apply_lora
 
 ADAPTED = {f"model.layers.{i}.{name}" for i in range(2)
            for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}  # fmt: skip

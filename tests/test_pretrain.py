@@ -2,7 +2,7 @@
 and runs refused up front. Faults (signals, NaN/inf, failed saves) are in test_faults.py; arguments and config files
 in test_inputs_cli.py.
 
-Every run calls `train.pretrain.main(argv)` in this process (no import cost).
+Every run calls `minigpt.train.pretrain.main(argv)` in this process (no import cost).
 """
 
 import json
@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import assert_same_weights, losses, make_corpus, read_log, tiny_args, write_txt
 
-from train.args import parse_args
-from train.data import pack_blocks, prepare_data
-from train.pretrain import collate, get_lr, main, training_step
+from minigpt.train.args import parse_args
+from minigpt.train.data import pack_blocks, prepare_data
+from minigpt.train.pretrain import collate, get_lr, main, training_step
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +227,7 @@ def test_push_to_hub_publishes_the_final_model_through_hub_push(corpus, tmp_path
     args = tiny_args(corpus, out, "--max_steps", 3, "--push_to_hub", "--hub_model_id", "alice/tiny-pretrain")
     with running_hub() as server:
         env = {**hub_env(server), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "train.pretrain", *args]
+        cmd = [sys.executable, "-m", "minigpt.train.pretrain", *args]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         files = server.files("alice/tiny-pretrain")
@@ -356,7 +356,7 @@ def test_each_log_line_is_printed_once(corpus, tmp_path):
     """A real process, stdout and stderr apart (the progress bar goes to stderr): every record once, on stdout."""
     argv = tiny_args(corpus, tmp_path / "once", "--max_steps", 4, "--eval_every", 2, "--report_to", "tensorboard")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "train.pretrain", *argv]
+    cmd = [sys.executable, "-m", "minigpt.train.pretrain", *argv]
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
@@ -372,7 +372,7 @@ def test_shipped_accelerate_configs_load():
 
     from modeling_minigpt import MiniGPTForCausalLM
 
-    folder = REPO / "train" / "configs" / "accelerate"
+    folder = REPO / "minigpt" / "train" / "configs" / "accelerate"
     expected = {"single_gpu": ("NO", 1, 1), "multi_gpu": ("MULTI_GPU", 8, 1), "fsdp": ("FSDP", 8, 1),
                 "multi_node": ("MULTI_GPU", 16, 2)}  # fmt: skip
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)

@@ -10,8 +10,8 @@ import torch
 from conftest import BLOCK_PACKAGE, tiny_config  # BLOCK_PACKAGE: hides modeling_minigpt from a child
 from transformers import pipeline
 
+from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from train.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.oldest
 

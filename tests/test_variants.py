@@ -12,8 +12,8 @@ import re
 import pytest
 from conftest import make_corpus, tiny_args, write_txt
 
-from train.args import TrainArguments, adapt_recipe, parse_args
-from train.pretrain import main
+from minigpt.train.args import TrainArguments, adapt_recipe, parse_args
+from minigpt.train.pretrain import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 VARIANTS = [(pos, norm, act) for pos in ("learned", "sinusoidal", "rope") for norm in ("pre", "post")

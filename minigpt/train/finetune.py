@@ -1,0 +1,525 @@
+"""Fine-tune a MiniGPT checkpoint (or any causal LM folder) with transformers' `Trainer`.
+
+Trainer owns the loop, the optimizer, mixed precision, accumulation, evaluation, checkpoints and resume. This file
+owns what is specific to the data: reading it (minigpt/train/data.py's reader), tokenizing and collating it. The prompt
+template, the label masking of pairs and their collator are in minigpt/train/pairs.py, shared with minigpt/train/evaluation.py.
+
+Two modes:
+  causal      plain text (.txt, one document per blank-line-separated paragraph, or .jsonl with --text_field),
+              packed into --max_length blocks (or one padded row per document with --packing false) and trained
+              with CausalCollator: every token is a target, EOS included; only padding positions are masked.
+  supervised  .jsonl pairs. Each row becomes
+                  [BOS] prompt_template with {prompt} = row[prompt_field], + separator | row[answer_field] EOS
+              with labels -100 on everything left of the bar (and on padding), so only the answer and its EOS
+              are learned. The template is saved as `prompt_template.json` in the output folder, where
+              minigpt/train/evaluation.py and the model card (minigpt/hub/model_card.py) pick it up. The saved tokenizer adds
+              the BOS by itself (`tokenizer(text)`, as a `pipeline` calls it), and generation_config.json
+              decodes greedily, so the model gets by default what it was trained on.
+
+--threads sets torch's CPU threads (minigpt/train/threads.py; the default suits a shared machine). Unless --logging_steps is
+given, the loss is logged about 20 times per run.
+
+Arguments are our three dataclasses below plus transformers.TrainingArguments, parsed by HfArgumentParser from
+the command line, from a YAML/JSON file, or both (`finetune.py config.yaml --learning_rate 1e-4`):
+
+    python -m minigpt.train.finetune --model_name_or_path runs/pretrain --mode supervised \
+        --train_file minigpt/train/examples/en_fr.jsonl --output_dir runs/en_fr --max_steps 300
+    accelerate launch -m minigpt.train.finetune config.yaml
+
+The output folder is a complete checkpoint (weights, config with auto_map and the modeling files, tokenizer,
+generation config), and so is every intermediate checkpoint-N folder.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from minigpt.train.checkpoints import load_pretrained
+from minigpt.train.data import read_rows
+from minigpt.train.metrics import load_metric
+from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
+from minigpt.train.threads import THREADS_HELP, set_threads
+from minigpt.train.tokenizer import (
+    add_bos_by_default,
+    check_local_path,
+    check_vocab,
+    context_length,
+    load_tokenizer,
+    special_token_ids,
+)
+
+logger = logging.getLogger("minigpt.train.finetune")
+
+DEFAULT_LORA_TARGETS = "qkv_proj,o_proj,up_proj,down_proj"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder to start from (model + tokenizer): minigpt.train.pretrain's output, a folder "
+                  "converted from GPT-2 by minigpt.hub.convert_gpt2, or any causal LM folder."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder, if it is not the model folder."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the modeling code stored in a non-MiniGPT checkpoint folder."}
+    )
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all the weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scale numerator (the update is alpha / r * B A)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS,
+        metadata={"help": "Comma-separated module names to adapt, or 'all-linear' (every Linear but the LM head). "
+                  "MiniGPT's are qkv_proj, o_proj (attention) and up_proj, down_proj (MLP)."},
+    )
+    merge_lora: bool = field(
+        default=True,
+        metadata={"help": "Save the merged model in output_dir (the adapter alone goes to output_dir/adapter)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": ".txt or .jsonl (causal), .jsonl (supervised)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out file in the same format."})
+    validation_split_percentage: float = field(
+        default=0.0, metadata={"help": "Percent of train_file held out for evaluation when no validation_file."}
+    )
+    mode: str = field(default="causal", metadata={"help": "causal (plain text) or supervised (prompt/answer pairs)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Tokens per training row (the block size when packing); default: the "
+                                "model's context (n_positions)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "causal .jsonl: the field holding the text."})
+    packing: bool = field(
+        default=True, metadata={"help": "causal: concatenate documents (EOS between) into full blocks; "
+                                "false: one row per document, truncated and padded."}
+    )
+    prompt_field: str = field(default="prompt", metadata={"help": "supervised: the field holding the prompt."})
+    answer_field: str = field(default="answer", metadata={"help": "supervised: the field holding the answer."})
+    prompt_template: str = field(
+        default="{prompt}", metadata={"help": "supervised: how a prompt is written, must contain {prompt}."}
+    )
+    separator: str = field(
+        default="\n", metadata={"help": "supervised: text between prompt and answer. It ends the prompt (prompt and "
+                                "answer are tokenized apart), so prefer a newline or ':' to a trailing space."}
+    )
+    add_bos: bool = field(
+        default=True, metadata={"help": "supervised: start each row with the BOS token; the saved tokenizer then adds "
+                                "it to every text it encodes (add_special_tokens=False leaves it out)."}
+    )
+    truncation: str = field(
+        default="left",
+        metadata={"help": "supervised, for a row longer than max_length: 'left' drops the start of the prompt "
+                  "(with a warning), 'error' refuses."},
+    )
+
+
+@dataclass
+class ExtraArguments:
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement (needs evaluation, "
+                                "--load_best_model_at_end and save/eval on the same steps)."}
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "The least change of the metric that counts as an improvement."}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: reading, tokenizing and collating (the pair template and its label masking are in minigpt/train/pairs.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def template_of(args: DataArguments) -> PromptTemplate:
+    return PromptTemplate(args.prompt_template, args.separator, args.add_bos)
+
+
+@dataclass
+class CausalCollator(DataCollatorWithPadding):
+    """Pads a batch of causal rows (transformers' DataCollatorWithPadding) and makes every real token a target:
+    labels are the input ids, -100 where attention_mask is 0.
+
+    Padding is masked by position, not by id. DataCollatorForLanguageModeling masks every label equal to
+    pad_token_id, and a tokenizer without a pad token (every GPT-2-style one) pads with EOS: every EOS, the one that
+    ends a document too, would then be masked, and the model would never learn to stop.
+    """
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__([{"input_ids": r["input_ids"]} for r in rows])  # input_ids, attention_mask (B, T)
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
+
+
+class SaveTemplateCallback(TrainerCallback):
+    """Copies the prompt template into every checkpoint-N folder, so that each one evaluates on its own."""
+
+    def __init__(self, template: PromptTemplate):
+        self.template = template
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.template.save(folder)
+
+
+class KeepUseCacheCallback(TrainerCallback):
+    """Writes `use_cache: true` back into every checkpoint-N/config.json. Gradient checkpointing (and TRL's
+    trainers) switch model.config.use_cache off while training, and Trainer saves the config as it finds it; a
+    checkpoint saved so would make generate() run without a cache and torch.export/ExecuTorch recipes refuse it
+    ("The model must have caching enabled"). The file is edited rather than the live config, so training itself is
+    left as Trainer set it up."""
+
+    def on_save(self, args, state, control, **kwargs):
+        config = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "config.json"
+        if state.is_world_process_zero and config.is_file():
+            enable_cache_in(config)
+
+
+def enable_cache_in(config_file: Path):
+    """Set use_cache to true in a saved config.json (no-op when it already is)."""
+    fields = json.loads(config_file.read_text())
+    if fields.get("use_cache") is not True:
+        fields["use_cache"] = True
+        config_file.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
+def load_rows(path: str, mode: str) -> datasets.Dataset:
+    """Read a data file into a Dataset: .txt -> one row per paragraph in `text`, .jsonl/.json -> one per record."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Data file {path} does not exist; pass an existing --train_file/--validation_file.")
+    suffix = Path(path).suffix
+    if (suffix == ".txt" and mode == "causal") or suffix in (".jsonl", ".json"):
+        return read_rows(path, text_unit="paragraph")
+    wanted = ".txt or .jsonl" if mode == "causal" else ".jsonl with prompt and answer fields"
+    raise ValueError(f"{path}: cannot read a {suffix or 'suffix-less'} file in {mode} mode; pass a {wanted} file.")
+
+
+def tokenize_supervised(rows: datasets.Dataset, tokenizer, template: PromptTemplate, args: DataArguments,
+                        max_length: int, name: str) -> datasets.Dataset:
+    for key in (args.prompt_field, args.answer_field):
+        if key not in rows.column_names:
+            raise ValueError(
+                f"{name} has no field {key!r}; its fields are {rows.column_names}. Name the prompt and answer fields "
+                "with --prompt_field and --answer_field."
+            )
+
+    def encode(batch, indices):
+        out = {"input_ids": [], "labels": [], "truncated": []}
+        for i, prompt, answer in zip(indices, batch[args.prompt_field], batch[args.answer_field]):
+            ids, labels, truncated = encode_pair(
+                tokenizer, template, prompt, answer, max_length, args.truncation, row=f"{i + 1} of {name}"
+            )
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+        return out
+
+    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names)
+    truncated = sum(encoded["truncated"])
+    if truncated:
+        logger.warning(
+            "%d of %d rows of %s were longer than max_length=%d; their prompts lost tokens on the left.",
+            truncated, len(encoded), name, max_length,
+        )
+    return encoded.remove_columns("truncated")
+
+
+def tokenize_causal(rows: datasets.Dataset, tokenizer, args: DataArguments, max_length: int, name: str):
+    if args.text_field not in rows.column_names:
+        pair = pair_fields(rows.column_names, args)
+        if pair:
+            raise ValueError(
+                f"{name} has no field {args.text_field!r} but looks like prompt/answer pairs (fields: "
+                f"{rows.column_names}). Train on pairs with --mode supervised --prompt_field {pair[0]} "
+                f"--answer_field {pair[1]}; or, for plain text, pass --text_field."
+            )
+        raise ValueError(
+            f"{name} has no field {args.text_field!r}; its fields are {rows.column_names}. Pass --text_field."
+        )
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        docs = [tokenizer.encode(t, add_special_tokens=False) + [eos] for t in batch[args.text_field] if t.strip()]
+        if not args.packing:
+            return {"input_ids": [d[:max_length] for d in docs]}
+        # pack: one stream of documents separated by EOS, cut into max_length blocks (the tail block is shorter)
+        stream = [t for d in docs for t in d]
+        return {"input_ids": [stream[i : i + max_length] for i in range(0, len(stream), max_length)]}
+
+    encoded = rows.map(encode, batched=True, batch_size=10_000, remove_columns=rows.column_names)
+    if len(encoded) == 0:
+        raise ValueError(f"{name} holds no text; fill the file or pick the right --text_field.")
+    return encoded
+
+
+def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
+    """(train, eval or None), tokenized: rows of input_ids (and labels in supervised mode)."""
+    if args.mode not in ("causal", "supervised"):
+        raise ValueError(f"--mode {args.mode!r} is unknown; use causal (plain text) or supervised (pairs).")
+    if args.truncation not in ("left", "error"):
+        raise ValueError(f"--truncation {args.truncation!r} is unknown; use left or error.")
+    if args.train_file is None:
+        raise ValueError("No --train_file; pass the text (causal) or the .jsonl pairs (supervised) to train on.")
+    train_rows = load_rows(args.train_file, args.mode)
+    eval_rows = load_rows(args.validation_file, args.mode) if args.validation_file else None
+    if eval_rows is None and args.validation_split_percentage > 0:
+        split = train_rows.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
+        train_rows, eval_rows = split["train"], split["test"]
+
+    def tokenize(rows, name):
+        if args.mode == "causal":
+            return tokenize_causal(rows, tokenizer, args, max_length, name)
+        return tokenize_supervised(rows, tokenizer, template_of(args), args, max_length, name)
+
+    train = tokenize(train_rows, args.train_file)
+    evaluation = tokenize(eval_rows, args.validation_file or "the validation split") if eval_rows else None
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model: LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of the Linear layers, the names LoRA's target_modules match against."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def apply_lora(model, target_modules: str | list[str] = DEFAULT_LORA_TARGETS, r: int = 8, alpha: int = 16,
+               dropout: float = 0.0):
+    """Wrap `model` in a peft LoRA model. Every target name must match a module: peft alone only fails when none
+    does, so a typo among several names would silently leave that layer untrained."""
+    from peft import LoraConfig, get_peft_model
+
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    if target_modules != "all-linear":
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in target_modules if t not in names]
+        if missing or not target_modules:
+            raise ValueError(
+                f"LoRA target modules {missing or target_modules} match no module of {type(model).__name__}. "
+                f"Its linear layers are {linear_module_names(model)}; list some of those, or pass 'all-linear'."
+            )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments and main
+# ---------------------------------------------------------------------------------------------------------------
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ExtraArguments, TrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Command line, or a YAML/JSON file as the first argument with command-line overrides after it."""
+    from minigpt.train.args import read_arguments  # the one way both training scripts read a config file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml", ".json")) else None
+    return read_arguments(HfArgumentParser(ARGUMENT_CLASSES), argv, config)
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    model_args, data_args, extra_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not training_args.should_log:
+        logger.setLevel(logging.WARNING)
+    if model_args.model_name_or_path is None:
+        raise ValueError("No --model_name_or_path; pass a checkpoint folder (model + tokenizer) to start from.")
+    check_local_path(model_args.model_name_or_path, "folder", "--model_name_or_path")
+    set_seed(training_args.seed)
+    threads = set_threads(extra_args.threads, on_cpu=training_args.device.type == "cpu")
+    logger.info("torch threads: %d (--threads)", threads)
+
+    if training_args.ddp_find_unused_parameters is None:  # every parameter takes part in every forward
+        training_args.ddp_find_unused_parameters = False
+    # Hub pushes go through minigpt.hub.push at the end, not through Trainer (which would create the repo at start-up).
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/minigpt-en-fr).")
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+                               option="--tokenizer_name_or_path")
+    model = load_pretrained(
+        AutoModelForCausalLM, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    check_vocab(tokenizer, model)
+    context = context_length(model, tokenizer)
+    max_length = data_args.max_length or context
+    if max_length is None:
+        raise ValueError("Neither the model config nor the tokenizer gives a context length; pass --max_length.")
+    if context is not None and max_length > context:
+        raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
+    # generate() reads these from generation_config.json: stop at EOS, pad with the tokenizer's pad id
+    model.generation_config.update(**special_token_ids(tokenizer))
+    if data_args.mode == "supervised":
+        # what the model was trained on is what it gets by default: tokenizer(prompt) starts with BOS as the rows
+        # did, and answers are decoded greedily (pretraining's sampling defaults would pick wrong answers)
+        if data_args.add_bos:
+            add_bos_by_default(tokenizer)
+        model.generation_config.update(do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
+                                       repetition_penalty=None)
+
+    with training_args.main_process_first(desc="tokenizing"):
+        train_set, eval_set = build_datasets(data_args, tokenizer, max_length, training_args.seed)
+    if training_args.eval_strategy != "no" and eval_set is None:
+        raise ValueError(
+            f"--eval_strategy {training_args.eval_strategy} needs held-out data: pass --validation_file or "
+            "--validation_split_percentage."
+        )
+    # both mask padding by position, so EOS stays a target even where the tokenizer pads with it
+    collator = CausalCollator(tokenizer) if data_args.mode == "causal" else SupervisedCollator(tokenizer.pad_token_id)
+
+    if model_args.lora:
+        model = apply_lora(model, model_args.lora_target_modules, model_args.lora_r, model_args.lora_alpha,
+                           model_args.lora_dropout)
+        if training_args.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need an input with grad
+            model.enable_input_require_grads()
+
+    callbacks = [KeepUseCacheCallback()]
+    if data_args.mode == "supervised":
+        callbacks.append(SaveTemplateCallback(template_of(data_args)))
+    if extra_args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(extra_args.early_stopping_patience,
+                                               extra_args.early_stopping_threshold))
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    set_logging_steps(training_args, argv, math.ceil(len(train_set) / training_args.train_batch_size
+                                                     / max(1, training_args.world_size)))
+    log_plan(trainer, train_set, max_length)
+
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint-N in output_dir
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", result.metrics)
+
+    if eval_set is not None:
+        metrics = trainer.evaluate()
+        # eval_loss is already a mean over tokens: one "token" carrying it gives exp(eval_loss)
+        perplexity = load_metric("perplexity").compute(nll=[metrics["eval_loss"]], num_tokens=[1])
+        metrics["eval_perplexity"] = perplexity["perplexity"]
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    save_final(trainer, tokenizer, model_args, data_args, training_args.output_dir)
+    if push_to_hub and trainer.is_world_process_zero():
+        from minigpt.hub.push import push_folder  # only now: pushing is optional and needs huggingface_hub set up
+
+        push_folder(
+            training_args.output_dir,
+            training_args.hub_model_id,
+            private=bool(training_args.hub_private_repo),
+            commit_message=f"Fine-tune ({data_args.mode}) on {Path(data_args.train_file).name}",
+        )
+    return trainer
+
+
+def set_logging_steps(args: TrainingArguments, argv: list[str] | None, batches_per_epoch: int):
+    """Trainer logs the loss every logging_steps (default 500): more than a short fine-tune runs, so nothing
+    showed before the end. Unless --logging_steps is given, log about 20 times per run (every 1 to 50 steps)."""
+    given = any(a.startswith("--logging_steps") for a in (sys.argv[1:] if argv is None else argv))
+    if given or args.logging_steps != TrainingArguments.logging_steps:
+        return
+    steps_per_epoch = max(1, batches_per_epoch // max(1, args.gradient_accumulation_steps))
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    args.logging_steps = max(1, min(50, total // 20))
+
+
+def log_plan(trainer: Trainer, train_set: datasets.Dataset, max_length: int):
+    """The derived numbers, printed before the first step."""
+    args = trainer.args
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens = sum(len(ids) for ids in train_set["input_ids"])
+    logger.info(
+        "%d training rows, %d tokens (max_length %d); %d per device x %d accumulation x %d processes = %d rows per "
+        "optimizer step, %.1f steps per epoch; trainable parameters: %d",
+        len(train_set), tokens, max_length, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+        args.world_size, rows_per_step, len(train_set) / rows_per_step,
+        sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    )
+
+
+def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
+    """training_summary.json: the facts no Trainer file records, for the model card (minigpt/hub/model_card.py)."""
+    args = trainer.args
+    summary = {
+        "data": f"{Path(data_args.train_file).name} ({data_args.mode} fine-tuning)",
+        "learning_rate": args.learning_rate,  # the peak: Trainer's logs hold the scheduled value at each log
+        "steps": trainer.state.global_step,
+        "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+    }
+    path = Path(output_dir) / "training_summary.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**old, **summary}, indent=2) + "\n")
+
+
+def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_args: DataArguments, output_dir: str):
+    """Write the complete checkpoint: weights, config + modeling files (auto_map), tokenizer, generation config,
+    and the prompt template in supervised mode. A LoRA run keeps its adapter in output_dir/adapter."""
+    model = trainer.model
+    if model_args.lora:
+        trainer.save_model(os.path.join(output_dir, "adapter"))
+        if not model_args.merge_lora:
+            return
+        model = model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        # training may have switched the cache off (gradient checkpointing, TRL); the checkpoint is for inference
+        model.config.use_cache = True
+        # save_pretrained copies the modeling files because MiniGPT registers itself with register_for_auto_class
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        if data_args.mode == "supervised":
+            template_of(data_args).save(output_dir)
+        trainer.save_state()
+        write_summary(trainer, data_args, output_dir)
+        logger.info("Saved the fine-tuned checkpoint to %s", output_dir)
+
+
+def cli() -> None:
+    """The `minigpt-finetune` console script: main(), whose return value would otherwise become the exit status."""
+    transformers.utils.logging.set_verbosity_warning()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
+        raise SystemExit(f"finetune: error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,150 @@
+"""Generate text from a trained checkpoint, from the command line, with transformers' own `generate`.
+
+    python minigpt/train/generate.py --model runs/tiny --prompt "ROMEO:" --strategy top_p --temperature 0.8
+    python -m minigpt.train.generate --model runs/tiny --prompt "To be" --strategy beam --num_beams 4 --no_stream
+
+Strategies: greedy (argmax), top_k (sample among the k likeliest), top_p (sample from the smallest set whose
+probability reaches p), beam (beam search). Each run samples with a fresh seed, printed to stderr; pass it back
+with --seed to get the same text again. Output streams token by token
+unless --no_stream (beam search cannot stream: it only knows the best sequence at the end).
+An empty prompt starts a fresh document: generation begins after an EOS, as every document did in training.
+"""
+
+import argparse
+import secrets
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, TextStreamer, set_seed
+
+import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
+from minigpt.train.checkpoints import load_pretrained
+from minigpt.train.threads import THREADS_HELP, set_threads
+from minigpt.train.tokenizer import context_length, load_tokenizer, special_token_ids
+
+STRATEGIES = ("greedy", "top_k", "top_p", "beam")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Strategies: " + ", ".join(STRATEGIES),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="A folder written by save_pretrained (e.g. pretrain's output_dir).")
+    p.add_argument("--prompt", default="", help="Text to continue. Empty: start a new document.")
+    p.add_argument("--tokenizer", default=None, help="Tokenizer folder, if it is not the model folder.")
+    p.add_argument("--strategy", default="top_p", choices=STRATEGIES, help="Decoding strategy.")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="Tokens to generate after the prompt.")
+    p.add_argument("--temperature", type=float, default=0.8, help="Softmax temperature for top_k/top_p, > 0.")
+    p.add_argument("--top_k", type=int, default=50, help="k of top_k sampling (tokens).")
+    p.add_argument("--top_p", type=float, default=0.95, help="p of top_p (nucleus) sampling, in (0, 1].")
+    p.add_argument("--num_beams", type=int, default=4, help="Beams of beam search.")
+    p.add_argument("--seed", type=int, default=None,
+                   help="Sampling seed; None: a fresh one each run, printed so that the run can be repeated.")
+    p.add_argument("--threads", type=int, default=None, help=THREADS_HELP + " None: that default, on CPU.")
+    p.add_argument("--no_stream", action="store_true", help="Print the text at the end instead of token by token.")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... Default: cuda if available, else cpu.")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped in a non-MiniGPT folder.")
+    args = p.parse_args(argv)
+    problems = []
+    if not Path(args.model).is_dir():
+        problems.append(f"--model {args.model}: no such folder; give the output_dir of a training run.")
+    elif not (Path(args.model) / "config.json").is_file():
+        problems.append(
+            f"--model {args.model!r} is not a model folder (no config.json); give the output_dir of a "
+            "finished training run or a checkpoints/step-N folder."
+        )
+    if args.max_new_tokens < 1:
+        problems.append(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
+    if not args.temperature > 0:
+        problems.append(f"--temperature must be > 0, got {args.temperature} (use --strategy greedy for argmax).")
+    if args.top_k < 1:
+        problems.append(f"--top_k must be >= 1, got {args.top_k}.")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top_p must lie in (0, 1], got {args.top_p}.")
+    if args.num_beams < 2 and args.strategy == "beam":
+        problems.append(f"--num_beams must be >= 2 for beam search, got {args.num_beams}.")
+    if args.threads is not None and args.threads < 0:
+        problems.append(f"--threads must be >= 0 (0 = torch's default), got {args.threads}.")
+    if problems:
+        p.error(" ".join(problems))
+    return args
+
+
+def strategy_kwargs(args: argparse.Namespace) -> dict:
+    """The generate() arguments of each strategy; explicit values override the checkpoint's generation_config."""
+    if args.strategy == "greedy":
+        return dict(do_sample=False, num_beams=1)
+    if args.strategy == "beam":
+        return dict(do_sample=False, num_beams=args.num_beams, early_stopping=True)
+    if args.strategy == "top_k":
+        return dict(do_sample=True, num_beams=1, temperature=args.temperature, top_k=args.top_k, top_p=1.0)
+    return dict(do_sample=True, num_beams=1, temperature=args.temperature, top_p=args.top_p, top_k=0)
+
+
+def generate(model, tokenizer, prompt: str, args: argparse.Namespace, stream: bool = False) -> str:
+    """Continue `prompt`; returns the prompt plus the generated text (special tokens removed)."""
+    # the tokenizer's own special tokens: a supervised fine-tune's tokenizer adds the BOS its training rows began with
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:  # a new document: in training, every document followed an EOS
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    limit = context_length(model)  # the model's own limit; None: it has none
+    max_new = args.max_new_tokens
+    if limit is not None:
+        if ids.shape[1] >= limit:
+            raise SystemExit(
+                f"generate: error: the prompt is {ids.shape[1]} tokens, but the model accepts at most "
+                f"{limit} positions. Shorten --prompt."
+            )
+        if ids.shape[1] + max_new > limit:
+            max_new = limit - ids.shape[1]
+            print(
+                f"generate: note: generating {max_new} tokens, not {args.max_new_tokens}: the model accepts at "
+                f"most {limit} positions.",
+                file=sys.stderr,
+            )
+    ids = ids.to(model.device)
+    set_seed(args.seed if args.seed is not None else 0)
+    streamer = TextStreamer(tokenizer, skip_special_tokens=True) if stream else None
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new,
+        streamer=streamer,
+        **special_token_ids(tokenizer),
+        **strategy_kwargs(args),
+    )
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = set_threads(args.threads, on_cpu=torch.device(device).type == "cpu")
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+    sampling = args.strategy in ("top_k", "top_p")
+    print(f"generate: {threads} CPU threads" + (f", seed {args.seed} (--seed {args.seed} repeats this text)"
+                                                 if sampling else ""), file=sys.stderr)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model, option="--tokenizer",
+                                   trust_remote_code=args.trust_remote_code)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"generate: error: {e}") from None
+    model = load_pretrained(AutoModelForCausalLM, args.model, trust_remote_code=args.trust_remote_code).to(device)
+    model.eval()
+    stream = not args.no_stream and args.strategy != "beam"
+    if not args.no_stream and args.strategy == "beam":
+        print("generate: note: beam search cannot stream; printing the best beam at the end.", file=sys.stderr)
+    text = generate(model, tokenizer, args.prompt, args, stream=stream)
+    if not stream:
+        print(text)
+    return text
+
+
+def cli() -> None:
+    """The `minigpt-generate` console script: main(), whose return value would otherwise become the exit status."""
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,182 @@
+"""What a pretraining run reports: the log (log.jsonl, the accelerate tracker, the console), the loss plot, MFU,
+and the per-rank debug dumps that the tests read. minigpt/train/pretrain.py writes through it; benchmarks/ share its FLOPs
+formula and peak table, so that a training run and a benchmark count MFU the same way.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak per device, in TFLOP/s, matched as a substring of torch.cuda.get_device_name(), first hit wins
+# (so GH200 before H200, A100 and A10G before A10, L40S before L4). `--peak_tflops` overrides it; CPUs have no entry.
+PEAK_TFLOPS = {
+    "GH200": 989.0,
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "4090": 165.0,
+    "3090": 71.0,
+    "V100": 125.0,  # fp16 tensor cores; V100 has no bf16
+    "T4": 65.0,  # fp16 tensor cores; T4 has no bf16
+}
+
+
+def lookup_peak_tflops(device: torch.device | str) -> tuple[float, str]:
+    """(peak TFLOP/s, the PEAK_TFLOPS key it matched) for a CUDA device; (0.0, its name or "") when none is known."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0.0, ""
+    name = torch.cuda.get_device_name(device)
+    return next(((tflops, key) for key, tflops in PEAK_TFLOPS.items() if key in name), (0.0, name))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters as nanoGPT counts them for MFU: tied weights once, learned position embeddings left out (a lookup,
+    not a matmul)."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or name.endswith(("embed_positions.weight", "wpe.weight")):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6·N for the matmuls with weights, 12·L·C·T for attention over
+    the T tokens of the *trained* sequence (PaLM, appendix B; nanoGPT's estimate_mfu)."""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float, devices: int = 1) -> float:
+    """Model FLOPs utilisation: the FLOP/s the tokens needed, as a fraction of `devices` devices' peak."""
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12 * devices)
+
+
+class RunLog:
+    """One record per event: a line in <out>/log.jsonl and one on the console (main process), and the same numbers
+    to the accelerate tracker. A full disk or a dead tracker warns and never stops the run."""
+
+    def __init__(self, accelerator, out: Path, report_to: str):
+        self.accelerator, self.path, self.report_to = accelerator, out / "log.jsonl", report_to
+        self.bar = None  # fit()'s progress bar, set while it runs: lines print above it
+        self.failing = False
+
+    def start(self, keep_up_to_step: int, hparams: dict) -> None:
+        """Drop records past `keep_up_to_step` (-1: a fresh run starts a fresh log; a resume drops the crashed run's
+        tail, so that curves don't repeat), and start the tracker with the run's arguments as hyperparameters."""
+        if self.accelerator.is_main_process and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(f"{x}\n" for x in lines if x and json.loads(x)["step"] <= keep_up_to_step))
+        if self.report_to != "none":
+            flat = {
+                k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for g in hparams.values()
+                for k, v in g.items()
+            }
+            self.accelerator.init_trackers("tensorboard", config=flat)
+
+    def write(self, record: dict) -> None:
+        if self.report_to != "none":
+            try:
+                self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except OSError as e:  # tensorboard's writer thread died (disk full) and re-raises on every call after
+                print(
+                    f"pretrain: warning: the {self.report_to} tracker failed ({e}); training goes on without "
+                    "it, log.jsonl keeps the record.",
+                    file=sys.stderr,
+                )
+                self.accelerator.trackers.clear()  # also keeps end_training() from flushing the dead writer
+        if not self.accelerator.is_main_process:
+            return
+        self._append(record)
+        (self.bar.write if self.bar is not None else print)(format_record(record))
+
+    def _append(self, record: dict) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write is undone here, not at close
+                size = f.seek(0, os.SEEK_END)
+                try:
+                    if f.write(line) != len(line):
+                        raise OSError(f"wrote only part of a {len(line)}-byte line")
+                except OSError:
+                    f.truncate(size)  # never leave half a line: resume and the loss plot parse every line
+                    raise
+            self.failing = False
+        except OSError as e:  # a full disk must not kill the run: checkpoint saves report their failures and retry
+            if not self.failing:
+                print(
+                    f"pretrain: warning: could not append to {self.path}: {e}. Training goes on; log lines are "
+                    "missing until a write succeeds again.",
+                    file=sys.stderr,
+                )
+            self.failing = True
+
+
+def format_record(record: dict) -> str:
+    """A log record as one console line: `step 100 | loss 3.2100 | lr 6.00e-04 | 25,000 tok/s | mfu 41.0%`."""
+    parts = [f"step {record['step']}"]
+    for key, value in record.items():
+        if key in ("step", "tokens_seen", "val_split_blocks"):
+            continue
+        if key == "tokens_per_s":
+            parts.append(f"{value:,.0f} tok/s")
+        elif key == "mfu":
+            parts.append(f"mfu {100 * value:.1f}%")
+        elif key == "lr":
+            parts.append(f"lr {value:.2e}")
+        elif key == "val_blocks":
+            total = record.get("val_split_blocks", value)
+            parts.append(f"{value} of {total} validation blocks" + (" (a sample)" if value < total else ""))
+        else:
+            parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+def plot_losses(log_path: Path, png_path: Path) -> None:
+    """The train and validation loss curves of log.jsonl as a PNG."""
+    try:
+        import matplotlib
+    except ImportError:  # a declared dependency; still, a missing plot must not fail a finished run
+        print(f"matplotlib is not installed, so no {png_path.name}: `pip install matplotlib` to plot {log_path}.")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label, style in ((train, "train", "-"), (val, "validation", "o-")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"MiniGPT pretraining: {png_path.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def dump_rank(accelerator, model, out: Path, consumed: list[int]) -> None:
+    """<out>/debug/rank<R>.json: the training blocks this rank consumed and a hash of its final weights (a test hook,
+    switched on by MINIGPT_DEBUG_RANK_DUMPS, see minigpt.train.args.DebugHooks)."""
+    digest = hashlib.sha256()
+    for name, p in sorted(accelerator.unwrap_model(model).state_dict().items()):
+        digest.update(name.encode() + p.detach().cpu().float().numpy().tobytes())
+    folder = out / "debug"
+    folder.mkdir(parents=True, exist_ok=True)
+    dump = {"rank": accelerator.process_index, "blocks": consumed, "weights_sha256": digest.hexdigest()}
+    (folder / f"rank{accelerator.process_index}.json").write_text(json.dumps(dump))
