@@ -84,6 +84,12 @@ class TrainArguments:
     compile: bool = arg(False, "torch.compile the model (inductor).")
     seed: int = arg(1337, "Seed for the weights, the data order and dropout.")
     cpu: bool = arg(False, "Train on CPU even where an accelerator exists.")
+    fsdp: bool = arg(
+        False,
+        "Shard parameters, gradients and AdamW state across the processes with torch's FSDP2 (one unit per block), "
+        "on CPU ranks, where accelerate cannot enable FSDP; launching with an FSDP accelerate config sets it. On "
+        "GPUs use that config (minigpt/train/configs/accelerate/fsdp.yaml) instead. See minigpt/train/sharding.py.",
+    )
     cpu_threads: int | None = arg(
         None,
         "Intra-op CPU threads per process (torch.set_num_threads), the same choice as finetune's, evaluation's and "

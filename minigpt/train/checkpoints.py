@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -165,19 +166,17 @@ def load_pretrained(model_class, name_or_path: str | Path, **kwargs):
 
 def save_checkpoint(
     accelerator: Accelerator,
-    model,
-    tokenizer,
+    write_files: Callable[[Path], None],
     root: Path,
     step: int,
-    train_state: dict,
     keep_last: int,
     save_delay: float = 0.0,
 ) -> Path | None:
     """Write the full training state to root/.tmp-step-N, then rename it to step-N; keep the last `keep_last`.
 
-    Every process calls this (each saves its RNG state). `train_state` (loop state and arguments) goes to
-    train_state.json. On an OSError (disk full, read-only folder) the error is printed, the partial folder removed,
-    earlier checkpoints left alone, and None returned: training goes on. `save_delay` (seconds before the rename)
+    Every process calls this, and `write_files(folder)` (every process: each saves its RNG state, and its shards
+    under FSDP) writes the files into the temporary folder. On an OSError (disk full, read-only folder) the error
+    is printed, the partial folder removed, earlier checkpoints left alone, and None returned: training goes on. `save_delay` (seconds before the rename)
     is for the fault tests (MINIGPT_DEBUG_SAVE_DELAY, see minigpt.train.args.DebugHooks).
     """
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
@@ -188,10 +187,7 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if main:
-            _write_loadable_files(accelerator.unwrap_model(model), tokenizer, tmp)
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+        write_files(tmp)
     # a full disk is a RuntimeError from torch.save's C++ writer and a SafetensorError (no OSError) from safetensors
     except (OSError, RuntimeError, SafetensorError) as e:
         error = e
@@ -225,13 +221,6 @@ def save_checkpoint(
         _prune(root, keep_last)
     accelerator.wait_for_everyone()
     return None if failed else final
-
-
-def _write_loadable_files(model, tokenizer, folder: Path) -> None:
-    """Config with auto_map, the modeling code, generation config and tokenizer: the folder loads with AutoModel."""
-    write_model_code(model.config, folder)
-    model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def write_model_code(config, folder: Path) -> list[str]:

@@ -1,9 +1,9 @@
 """Pretrain MiniGPT from scratch on local text with Accelerate: one script from a laptop CPU to many GPU nodes.
 
-    python -m minigpt.train.pretrain --config tiny                      # CPU demo preset, built-in Shakespeare corpus
-    python minigpt/train/pretrain.py --data my_texts/ --output_dir runs/mine --max_steps 2000
-    python -m minigpt.train.pretrain --resume runs/mine [--max_steps 4000]  # continue, with the saved arguments
-    accelerate launch --config_file minigpt/train/configs/accelerate/multi_gpu.yaml minigpt/train/pretrain.py --config gpt2-124m ...
+    minigpt-pretrain --config tiny                                   # CPU demo preset, built-in Shakespeare corpus
+    minigpt-pretrain --data my_texts/ --output_dir runs/mine --max_steps 2000     # = python -m minigpt.train.pretrain
+    minigpt-pretrain --resume runs/mine [--max_steps 4000]           # continue, with the saved arguments
+    accelerate launch --config_file minigpt/train/configs/accelerate/multi_gpu.yaml -m minigpt.train.pretrain ...
 
 Arguments come from the command line, from a YAML/JSON file (`--config FILE`, or a preset name from
 minigpt/train/configs/presets/), or both: the command line wins. Reading order: setup() (arguments, accelerator, data,
@@ -13,7 +13,8 @@ minigpt/train/checkpoints.py, and the log, loss plot and MFU in minigpt/train/mo
 
 Output folder layout:
     <output_dir>/config.json, model.safetensors, tokenizer*, generation_config.json   (the final model)
-    <output_dir>/checkpoints/step-<N>/   full training state (accelerate save_state) + tokenizer + config
+    <output_dir>/checkpoints/step-<N>/   full training state (accelerate save_state; under FSDP on CPU ranks also
+                                         fsdp/, the sharded model and AdamW) + model, tokenizer and config
     <output_dir>/log.jsonl, loss.png, tensorboard/
 
 Faults: SIGTERM/SIGINT finish the current optimizer step, save a checkpoint and exit 0; checkpoints are written
@@ -38,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
 from safetensors import SafetensorError
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
@@ -57,6 +59,7 @@ from minigpt.train.checkpoints import (
     prepare_checkpoint_root,
     restore_signal_handlers,
     save_checkpoint,
+    write_model_code,
 )
 from minigpt.train.data import DataError, PreparedData, prepare_data
 from minigpt.train.monitoring import (
@@ -67,6 +70,19 @@ from minigpt.train.monitoring import (
     lookup_peak_tflops,
     mfu,
     plot_losses,
+)
+from minigpt.train.sharding import (
+    SHARDED_DIR,
+    check_deepspeed_request,
+    choose_sharding,
+    full_state_dict,
+    full_value,
+    load_sharded,
+    local,
+    local_share,
+    save_full_model,
+    save_sharded,
+    shard,
 )
 from minigpt.train.threads import set_threads
 from minigpt.train.tokenizer import special_token_ids
@@ -116,6 +132,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     data: PreparedData
     args: TrainArguments
+    sharding: str  # "none" (DDP or one process), "torch-fsdp2" (CPU ranks) or "accelerate-fsdp"; see train/sharding.py
     saved_args: dict  # {"model": ..., "data": ..., "train": ...}, as every checkpoint records them
     out: Path
     ckpt_root: Path
@@ -140,6 +157,7 @@ def setup(argv: list[str] | None = None) -> Run:
     debug = DebugHooks.from_env()
     on_cpu = args.cpu or not _has_accelerator()
     threads = set_threads(args.cpu_threads, on_cpu=on_cpu)  # the choice finetune, evaluation and generate make
+    check_deepspeed_request(on_cpu)
     accelerator = Accelerator(
         cpu=on_cpu,  # where there is no accelerator, cpu=True makes a multi-process launch gloo ranks
         mixed_precision=args.mixed_precision,
@@ -178,18 +196,25 @@ def setup(argv: list[str] | None = None) -> Run:
         repetition_penalty=1.1,
         **special_token_ids(data.tokenizer),
     )
-    optimizer = configure_optimizer(model, args, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    sharding = choose_sharding(accelerator, args.fsdp, accelerator.mixed_precision, args.compile)
+    if sharding == "torch-fsdp2":  # accelerate would wrap the model in DDP: shard it here, and prepare nothing of it
+        shard(model)
+        optimizer = configure_optimizer(model, args, accelerator.device)  # over the sharded parameters
+        held, total = local_share(model)
+        print(f"fsdp: rank {accelerator.process_index} holds {held:,} of {total:,} parameters ({held / total:.1%}) "
+              "and their gradients and AdamW state", flush=True)  # fmt: skip
+    else:
+        optimizer = configure_optimizer(model, args, accelerator.device)
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     state = LoopState()
     if resume_from is not None:
+        check_resume_sharding(resume_from, sharding)
         saved = json.loads((resume_from / "train_state.json").read_text())
-        accelerator.load_state(str(resume_from))
+        accelerator.load_state(str(resume_from))  # the RNG states; the model and AdamW too unless torch-fsdp2
+        if sharding == "torch-fsdp2":
+            load_sharded(model, optimizer, resume_from / SHARDED_DIR)
         state = LoopState(**saved["state"])  # the LR is get_lr(step): an older file's "scheduler" entry goes unread
-        accelerator.print(
-            f"Resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
-            f"{state.samples_in_epoch} blocks into it)."
-        )
 
     blocks_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if len(data.train) < blocks_per_step:
@@ -199,9 +224,15 @@ def setup(argv: list[str] | None = None) -> Run:
             f"{accelerator.num_processes} = {blocks_per_step}). Lower --batch_size or --gradient_accumulation_steps, "
             "or add data."
         )
+    if resume_from is not None:
+        blocks_per_epoch = len(data.train) // blocks_per_step * blocks_per_step
+        accelerator.print(
+            f"Resumed from {resume_from} at step {state.step} of {args.max_steps}: epoch {state.epoch + 1} continues "
+            f"after {state.samples_in_epoch:,} of its {blocks_per_epoch:,} blocks."
+        )
     n_params = count_params(accelerator.unwrap_model(model))
     run = Run(
-        accelerator, model, optimizer, data, args, saved_args, out, ckpt_root, state,
+        accelerator, model, optimizer, data, args, sharding, saved_args, out, ckpt_root, state,
         log=RunLog(accelerator, out, args.report_to),
         debug=debug,
         blocks_per_step=blocks_per_step,
@@ -244,6 +275,18 @@ def check_resume(checkpoint: Path, now: dict) -> list[str]:
             f"learning rate of step {step + 1} is {lr_now:.3g}, where the checkpoint's schedule had {lr_then:.3g}"
         )
     return notes
+
+
+def check_resume_sharding(checkpoint: Path, sharding: str) -> None:
+    """A checkpoint of a torch-FSDP2 run holds its training state in fsdp/, one of any other run in optimizer.bin:
+    resuming one kind as the other would lose AdamW's state, so it is refused."""
+    sharded = (checkpoint / SHARDED_DIR).is_dir()
+    if sharded != (sharding == "torch-fsdp2"):
+        saved_as, now = ("FSDP on CPU ranks", "without it") if sharded else ("without FSDP", "with FSDP on CPU ranks")
+        raise SystemExit(
+            f"pretrain: error: cannot resume from {checkpoint}: it was saved {saved_as}, and this launch runs {now}. "
+            "Launch as the checkpoint's run was (the same --fsdp or accelerate config and number of processes)."
+        )
 
 
 def warmup_warning(args: TrainArguments) -> str | None:
@@ -301,7 +344,7 @@ def print_summary(run: Run, block_size: int) -> None:
         f"epochs, {total_tokens / num_params:.1f} tokens/parameter); warmup {a.warmup_steps}, cosine "
         f"{a.learning_rate:g} -> {a.min_learning_rate:g}; evaluation every {a.eval_every or a.max_steps} steps on the "
         f"first {sampled} of the {n_val} validation blocks, the final one on all; device {run.accelerator.device}, "
-        f"mixed precision {run.accelerator.mixed_precision}"
+        f"mixed precision {run.accelerator.mixed_precision}, sharding {run.sharding}"
     )
 
 
@@ -396,14 +439,14 @@ def take_step(run: Run, micro_batches: list[dict], stop: dict) -> tuple[dict, bo
     inject = debug.inject_nonfinite_into if debug.inject_nonfinite_at_step == state.step + 1 else None
     loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
     if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives
-        next(model.parameters()).grad.view(-1)[0] = float("nan")
+        local(next(model.parameters()).grad).view(-1)[0] = float("nan")
     # one all-reduce per step: the step's mean loss over every rank, and whether any rank got a signal
     flag = torch.tensor(float(stop["signal"] is not None), device=loss_sum.device)
     loss, stop_votes = accelerator.reduce(torch.stack([loss_sum, flag]), "sum").tolist()
     grad_norm = float("nan")
     if math.isfinite(loss):  # the norm is computed even without clipping (max_norm inf): it is the check
         max_norm = a.max_grad_norm if a.max_grad_norm > 0 else math.inf
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm).item()
+        grad_norm = full_value(accelerator.clip_grad_norm_(model.parameters(), max_norm)).item()
     # a finite loss can still give inf/nan gradients; fp16's GradScaler skips those steps by itself, elsewhere the
     # update would poison the weights (and the next checkpoint)
     bad_grads = not math.isfinite(grad_norm) and accelerator.scaler is None
@@ -417,7 +460,7 @@ def take_step(run: Run, micro_batches: list[dict], stop: dict) -> tuple[dict, bo
     optimizer.zero_grad(set_to_none=True)
     if inject in ("weights", "optimizer_state"):  # an update that overflows, found only by save()'s check
         p = next(model.parameters())
-        (p.data if inject == "weights" else optimizer.state[p]["exp_avg_sq"]).view(-1)[0] = float("inf")
+        local(p.data if inject == "weights" else optimizer.state[p]["exp_avg_sq"]).view(-1)[0] = float("inf")
     state.step += 1
     state.samples_in_epoch += run.blocks_per_step
     state.tokens_seen += run.tokens_per_step
@@ -437,7 +480,9 @@ def training_step(accelerator: Accelerator, model, micro_batches: list[dict], in
     model.train()
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        if isinstance(model, FSDPModule):  # FSDP2 has no no_sync(): reduce-scatter in the last backward only
+            model.set_requires_gradient_sync(last)
+        with contextlib.nullcontext() if last or isinstance(model, FSDPModule) else accelerator.no_sync(model):
             # skip_logits: the chunked LM head + cross-entropy, the same loss and gradients without [B, T, V] logits
             out = model(
                 input_ids=batch["input_ids"],
@@ -500,19 +545,41 @@ def save(run: Run) -> Path | None:
         raise NonFiniteLoss(run.state.step, what, latest_checkpoint(run.ckpt_root), skippable=False)
     train_state = {"state": asdict(run.state), "args": run.saved_args}
     return save_checkpoint(
-        run.accelerator, run.model, run.data.tokenizer, run.ckpt_root, run.state.step, train_state,
+        run.accelerator, partial(write_checkpoint, run, train_state), run.ckpt_root, run.state.step,
         run.args.keep_last, run.debug.save_delay,
     )  # fmt: skip
+
+
+def write_checkpoint(run: Run, train_state: dict, folder: Path) -> None:
+    """Every process: the training state into `folder` (accelerate's save_state: the model and AdamW unless
+    torch-FSDP2 shards them, which DCP writes to fsdp/, and each rank's RNG state); then the main process adds a
+    loadable model folder (config with auto_map, code, generation config, tokenizer) and train_state.json."""
+    accelerator, model = run.accelerator, run.model
+    accelerator.save_state(str(folder))
+    if run.sharding == "torch-fsdp2":
+        save_sharded(model, run.optimizer, folder / SHARDED_DIR)
+    # accelerate's save_state writes model.safetensors itself, except under FSDP (sharded files only)
+    state_dict = full_state_dict(accelerator, model, run.sharding) if run.sharding != "none" else None
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if state_dict is not None:
+            save_full_model(unwrapped, state_dict, folder)
+        write_model_code(unwrapped.config, folder)
+        unwrapped.generation_config.save_pretrained(folder)
+        run.data.tokenizer.save_pretrained(folder)
+        (folder / "train_state.json").write_text(json.dumps(train_state, indent=1))
 
 
 def nonfinite_state(accelerator: Accelerator, model, optimizer) -> str | None:
     """What holds a NaN/inf among the weights and the optimizer state ("the weights became non-finite (name)"), on
     any process, or None. One pass over every tensor: save() calls it before each checkpoint, not every step."""
     names = {p: n for n, p in accelerator.unwrap_model(model).named_parameters()}
-    bad = next((f"the weights became non-finite ({n})" for p, n in names.items() if not p.isfinite().all()), None)
+    # under FSDP each process checks its own shards, and the reduce below tells every process
+    bad = next((f"the weights became non-finite ({n})" for p, n in names.items() if not local(p).isfinite().all()),
+               None)  # fmt: skip
     for p, slots in optimizer.state.items():
         for slot, t in slots.items():
-            if bad is None and torch.is_tensor(t) and not t.isfinite().all():
+            if bad is None and torch.is_tensor(t) and not local(t).isfinite().all():
                 bad = f"the optimizer state became non-finite ({slot} of {names.get(p, 'a parameter')})"
     # every process must stop together; a rank that found nothing names what another found only in its own message
     if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), "sum").item() == 0:
@@ -595,12 +662,10 @@ def validate(model, blocks, batch_size: int, max_batches: int = 0, accelerator: 
 def save_final(run: Run) -> None:
     """save_pretrained of the unwrapped model + tokenizer + generation config into output_dir, then the loss PNG."""
     accelerator, out = run.accelerator, run.out
-    state_dict = accelerator.get_state_dict(run.model)  # every process takes part (FSDP gathers here)
+    state_dict = full_state_dict(accelerator, run.model, run.sharding)  # every process takes part (FSDP gathers)
     if accelerator.is_main_process:
         try:
-            accelerator.unwrap_model(run.model).save_pretrained(
-                out, state_dict=state_dict, save_function=accelerator.save
-            )
+            save_full_model(accelerator.unwrap_model(run.model), state_dict, out)
             run.data.tokenizer.save_pretrained(out)
             plot_losses(out / "log.jsonl", out / "loss.png")
         except (OSError, RuntimeError, SafetensorError) as e:  # a full disk is any of the three (see save_checkpoint)
