@@ -79,6 +79,21 @@ class MiniGPTConfig(PreTrainedConfig):
 
     model_type = "minigpt"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Tensor parallelism of MiniGPTModel, as read by vLLM's Transformers backend. The fused `qkv_proj` is left out on
+    # purpose: its output is [q | k | v], so "colwise" would hand rank 0 of 2 all of q and half of k, not half of
+    # each. vLLM recognises it instead by the three-way split in MiniGPTAttention.forward and swaps in a
+    # QKVParallelLinear, which gives each rank the same heads of q, k and v; o_proj then sums the ranks' heads
+    # (rowwise), and the MLP is the usual colwise/rowwise pair. transformers' own `tp_plan="auto"` has no style
+    # that shards a 3-way packed projection by heads (`packed_colwise` splits 2-way), so it would leave qkv_proj
+    # whole while o_proj expects a shard: MiniGPT is not prepared for it. (Phi-3's `colwise_gather_output` and
+    # `rowwise_split_input` would suit it, but vLLM reads those as "replicate", which breaks its head-sharded path.)
+    # No base_model_pp_plan either: the learned and sinusoidal positions are added inside MiniGPTModel.forward
+    # after the embeddings, so a later pipeline stage would add them a second time.
+    base_model_tp_plan = {
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",

@@ -183,7 +183,12 @@ class MiniGPTAttention(nn.Module):
         self.attention_dropout = config.attn_pdrop
         self.is_causal = True
         self.num_key_value_groups = 1  # plain multi-head attention; read by transformers' attention backends
-        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # the widths of q, k and v in the fused projection's output, which holds all of q, then all of k, then all of v
+        # (heads in order within each). forward splits by them with a literal 3-tuple: that three-way `.split` of
+        # `qkv_proj`'s output is how vLLM's Transformers backend recognises a fused QKV, which it then shards by heads
+        # (see base_model_tp_plan in configuration_minigpt.py)
+        self.q_size = self.kv_size = config.n_head * self.head_dim
+        self.qkv_proj = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.bias)
         self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.o_proj.is_residual_projection = True  # scaled init, see MiniGPTPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -196,9 +201,12 @@ class MiniGPTAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, C = hidden_states.shape
-        qkv = self.qkv_proj(hidden_states).view(B, T, 3, -1, self.head_dim)  # (B, T, 3, nh, hs)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hs)
+        B, T, _ = hidden_states.shape
+        q, k, v = self.qkv_proj(hidden_states).split((self.q_size, self.kv_size, self.kv_size), dim=-1)  # 3 x (B, T, C)
+        # -1, not n_head: under tensor parallelism a rank holds only its share of the heads
+        query = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        key = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        value = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
         if position_embeddings is not None:  # rotary
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
@@ -218,7 +226,7 @@ class MiniGPTAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )  # (B, T, nh, hs)
-        attn_output = attn_output.reshape(B, T, C)
+        attn_output = attn_output.reshape(B, T, -1)  # (B, T, C), or (B, T, C / tp) on one tensor-parallel rank
         return self.resid_dropout(self.o_proj(attn_output)), attn_weights
 
 
