@@ -319,6 +319,32 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, also for a model sharded by torch's FSDP2 (pass the gathered weights as
+        `state_dict`, as Trainer and accelerate do: transformers cannot read sharded ones).
+
+        fully_shard swaps the model's class for one torch generates (FSDPMiniGPTForCausalLM); transformers would
+        record that class in config.auto_map and copy torch's files as the model code, and the folder would not
+        load. The save runs as the MiniGPT class underneath, and the FSDP class is put back afterwards."""
+        sharded_class, own_class = type(self), _unsharded_class(self)
+        if own_class is sharded_class:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.__class__ = own_class
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
+
+
+def _unsharded_class(model: nn.Module) -> type:
+    """The model's own class: under FSDP2 the first base of the generated FSDP<Name> class that is not FSDP's."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule  # here: some torch builds ship without torch.distributed
+
+        if isinstance(model, FSDPModule):
+            return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    return type(model)
+
 
 class MiniGPTModel(MiniGPTPreTrainedModel):
     """The Transformer without a head: returns the final hidden states (and the cache)."""

@@ -121,3 +121,53 @@ def test_an_accelerate_config_that_cannot_take_effect_is_an_error(tmp_path, monk
     corpus = write_txt(tmp_path / "corpus.txt", make_corpus(20))
     with pytest.raises(SystemExit, match=expected):
         main(tiny_args(corpus, tmp_path / "out", "--max_steps", 1))
+
+
+SAVE_SHARDED = """
+import json, os, sys, torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=0, world_size=1)
+torch.manual_seed(0)
+model = MiniGPTForCausalLM(MiniGPTConfig(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+reference = model(torch.tensor([[5, 6, 7]])).logits
+for block in model.model.layers:
+    fully_shard(block)
+fully_shard(model)
+print(type(model).__name__)
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+model.save_pretrained(sys.argv[1], state_dict=full)  # as Trainer and accelerate save an FSDP model
+print(type(model).__name__)
+torch.save(reference, os.path.join(sys.argv[1], "reference.pt"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.oldest
+
+def test_save_pretrained_of_an_fsdp2_model_writes_minigpts_code_and_auto_map(tmp_path):
+    """fully_shard makes the model an FSDPMiniGPTForCausalLM, a class torch generates. Trainer's and accelerate's
+    save of an FSDP model calls save_pretrained on it, which recorded that class in auto_map and copied torch's
+    _fsdp_*.py files instead of the model code, so the folder did not load."""
+    folder = tmp_path / "saved"
+    proc = subprocess.run([sys.executable, "-c", SAVE_SHARDED, str(folder), str(free_port())], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["FSDPMiniGPTForCausalLM"] * 2  # sharded before and after the save
+    files = sorted(p.name for p in folder.iterdir())
+    assert not [name for name in files if name.startswith("_fsdp")], files
+    assert "modeling_minigpt.py" in files
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
+
+    code = BLOCK_PACKAGE + (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "logits = model(torch.tensor([[5, 6, 7]])).logits\n"
+        "torch.testing.assert_close(logits, torch.load(sys.argv[1] + '/reference.pt'))\n"
+    )
+    check = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300)  # fmt: skip
+    assert check.returncode == 0, check.stderr[-3000:]
