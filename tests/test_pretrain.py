@@ -126,6 +126,7 @@ def test_run_writes_a_loadable_model_checkpoints_logs_and_plot(corpus, tmp_path)
         torch.testing.assert_close(tensor, from_ckpt.state_dict()[name], msg=name)
     gen = GenerationConfig.from_pretrained(out)
     assert gen.do_sample and gen.top_p < 1 and gen.temperature < 1
+    assert gen.use_cache is True  # read by transformers' torch.export/ExecuTorch recipe, which refuses None
     assert (gen.eos_token_id, gen.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert model.config.n_positions == 16 and model.config.vocab_size % 64 == 0
     text = pipeline("text-generation", model=model, tokenizer=tokenizer)("the king", max_new_tokens=5)[0]

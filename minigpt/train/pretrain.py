@@ -194,6 +194,7 @@ def setup(argv: list[str] | None = None) -> Run:
         top_p=0.95,
         max_new_tokens=256,
         repetition_penalty=1.1,
+        use_cache=True,  # transformers' export recipes (torch.export, ExecuTorch) refuse a checkpoint without it
         **special_token_ids(data.tokenizer),
     )
     sharding = choose_sharding(accelerator, args.fsdp, accelerator.mixed_precision, args.compile)
