@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300  # the first run tokenizes the built-in corpus (about 35 s on 2 cores); a timeout means a hang
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--log_every", "1", "--eval_every", "0",
@@ -19,6 +21,35 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--log_every", "1",
 MEASURED = ("validation perplexity", "unigram perplexity", "PASS", "FAIL", "sample ---", "tokens/s on")
 
 
+def test_help_names_every_pretrain_flag_the_demo_passes_through(capsys):
+    from transformers import HfArgumentParser
+
+    from minigpt.train import demo as demo_module
+    from minigpt.train.args import DataArguments, ModelArguments, TrainArguments
+
+    with pytest.raises(SystemExit) as done:
+        demo_module.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog to the terminal width
+    assert text.startswith("usage: python -m minigpt.train.demo [-h] [--output_dir OUTPUT_DIR] [--resume] "
+                           "[minigpt.train.pretrain flags ...]")  # fmt: skip
+    assert "Every other flag goes to minigpt.train.pretrain, after the demo's own `--config tiny --cpu " \
+           "--overwrite_output_dir --output_dir OUTPUT_DIR`" in text  # fmt: skip
+    assert "`python -m minigpt.train.pretrain --help` explains each one with its units." in text
+    listed = text.split("They are: ", 1)[1].split()
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))  # pretrain's own parser
+    expected = [a.option_strings[0] for a in parser._actions if a.dest not in ("help", "output_dir", "resume")]
+    assert listed == expected and {"--max_steps", "--n_layer", "--learning_rate", "--data"} <= set(listed)
+
+
+def test_a_config_given_to_the_demo_replaces_the_tiny_preset():
+    from minigpt.train.demo import pretrain_argv
+
+    assert pretrain_argv("out", ["--max_steps", "5"]) == ["--config", "tiny", "--cpu", "--overwrite_output_dir",
+                                                          "--output_dir", "out", "--max_steps", "5"]  # fmt: skip
+    # pretrain reads the first --config, so the preset must not come before the user's
+    assert pretrain_argv("out", ["--config=mine.yaml"]) == ["--cpu", "--overwrite_output_dir", "--output_dir", "out",
+                                                            "--config=mine.yaml"]  # fmt: skip
 
 
 def demo(processes: list, log: Path, *argv: str) -> subprocess.Popen:

@@ -8,6 +8,7 @@ held-out perplexity of the fine-tuning data (test_pretrain_then_finetune_lowers_
 import json
 import logging
 import math
+import platform
 import subprocess
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from minigpt.train import evaluation as lm_eval
 from minigpt.train import finetune
 from minigpt.train.finetune import CausalCollator
 from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair
+from minigpt.train.threads import available_cores
 from minigpt.train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 
 
@@ -381,7 +383,7 @@ def test_accelerate_launch_two_processes_by_path_with_yaml_and_push_to_a_local_h
     env = hub_env(hub, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 per device x 1 accumulation x 2 processes = 8 rows per optimizer step" in proc.stderr
+    assert "4 per device x 1 accumulation x 2 processes = 8 pairs per optimizer step" in proc.stderr
     out = tmp_path / "out"
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3  # the override won
     template = json.loads((out / "prompt_template.json").read_text())
@@ -394,6 +396,11 @@ def test_accelerate_launch_two_processes_by_path_with_yaml_and_push_to_a_local_h
             "generation_config.json"} <= set(files)
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert len(hub.repos["alice/minigpt-qa"].history("main")) <= 2  # creation (if any) and one upload
+    assert "trainer_state.json" not in files  # Trainer's resume state stays local; the card read it there
+    card = files["README.md"].decode()
+    tokens = json.loads((out / "trainer_state.json").read_text())["num_input_tokens_seen"]  # both ranks' rows
+    assert f"- **Tokens seen:** {tokens:,}\n" in card and tokens > 0
+    assert "- **Hardware:** CPU (" in card and "), 2 processes x 1 torch thread, " in card
 
     bad = config.with_name("bad.yaml")
     bad.write_text(config.read_text() + "learning_rat: 0.1\n")
@@ -568,3 +575,82 @@ def test_gradient_checkpointing_still_saves_use_cache_true_in_the_final_folder_a
         f.name: True for f in folders
     }
     assert AutoModelForCausalLM.from_pretrained(out / "checkpoint-1").config.use_cache is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What finetune adjusts, says and records
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def loss_steps(trainer) -> list[int]:
+    return [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.oldest
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_an_explicit_value_in_a_config_file_is_kept_though_it_equals_the_default(base, tmp_path, suffix):
+    values = {"model_name_or_path": str(base), "mode": "supervised", "train_file": str(EN_FR),
+              "output_dir": str(tmp_path / "out"), "logging_steps": 500, "include_num_input_tokens_seen": "no",
+              "max_steps": 4, "per_device_train_batch_size": 4, "save_strategy": "no"}  # fmt: skip
+    config = tmp_path / f"config{suffix}"
+    config.write_text(json.dumps(values))  # JSON is YAML too
+    trainer = run(config)
+    assert trainer.args.logging_steps == 500 and loss_steps(trainer) == []  # as asked: no loss log in 4 steps
+    assert trainer.args.include_num_input_tokens_seen == "no" and trainer.state.num_input_tokens_seen == 0
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    # not counted, so estimated: 4 steps x 4 of the 100 pairs = 0.16 epochs of their 1,306 tokens
+    assert (summary["tokens"], summary["tokens_estimated"]) == (round(1306 * 0.16), True)
+    assert finetune.given_arguments([str(config), "--eval_steps=3", "--no_packing", "--threads", "2"]) == {
+        *values, "eval_steps", "packing", "threads"}  # fmt: skip
+
+
+def test_eval_steps_follows_the_adjusted_logging_steps_unless_given(base, tmp_path):
+    common = ("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--eval_strategy", "steps",
+              "--validation_split_percentage", "10")  # fmt: skip
+    trainer = run(*common, output_dir=tmp_path / "a", max_steps=40, save_strategy="no")
+    assert (trainer.args.logging_steps, trainer.args.eval_steps) == (2, 2)  # 40 // 20; Trainer's default said 500
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e][:3] == [2, 4, 6]
+    trainer = run(*common, output_dir=tmp_path / "b", max_steps=40, save_strategy="no", eval_steps=20)
+    assert (trainer.args.logging_steps, trainer.args.eval_steps) == (2, 20)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_causal_runs_say_how_many_documents_tokens_and_blocks_they_train_on(base, tmp_path, caplog, packing):
+    with caplog.at_level(logging.INFO, logger="minigpt.train.finetune"):
+        run("--model_name_or_path", base, "--mode", "causal", "--train_file", EN_FR, "--text_field", "answer",
+            "--output_dir", tmp_path / "out", "--packing", str(packing).lower(), max_steps=1, save_strategy="no",
+            per_device_train_batch_size=4)  # fmt: skip
+    tokenizer = load_tokenizer(str(base))
+    tokens = sum(len(tokenizer.encode(r["answer"], add_special_tokens=False)) + 1 for r in read_jsonl(EN_FR))
+    if packing:  # 100 short answers make a handful of 64-token blocks: "rows" would say 11 where 100 went in
+        expected = (f"training data: 100 documents, {tokens:,} tokens with an EOS after each, packed into "
+                    f"{math.ceil(tokens / 64)} blocks of 64 tokens (the last may be shorter); 4 per device x 1 "
+                    f"accumulation x 1 processes = 4 blocks per optimizer step, {math.ceil(tokens / 64 / 4)} steps "
+                    "per epoch")  # fmt: skip
+    else:
+        expected = (f"training data: 100 documents, one row each (cut at max_length 64), {tokens:,} tokens; 4 per "
+                    "device x 1 accumulation x 1 processes = 4 documents per optimizer step, 25 steps per epoch")
+    assert expected in caplog.text, caplog.text
+
+
+@pytest.mark.oldest
+def test_the_summary_and_card_give_the_tokens_hardware_and_the_peak_learning_rate_reached(base, tmp_path):
+    from minigpt.hub.model_card import build_model_card
+
+    out = tmp_path / "out"
+    # a warmup longer than the run: the rate climbs 0, 1e-3, 2e-3 and never reaches the configured 1e-2
+    trainer = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir", out,
+                  max_steps=3, warmup_steps=10, learning_rate=1e-2, per_device_train_batch_size=100,
+                  save_strategy="no")  # fmt: skip
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["learning_rate"] == pytest.approx(2e-3) == max(
+        e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e)
+    assert (summary["configured_learning_rate"], summary["warmup_steps"], summary["steps"]) == (1e-2, 10, 3)
+    # every pair, all 1,306 tokens, in each of the 3 steps: counted by Trainer (non-padding), not estimated
+    assert summary["tokens"] == trainer.state.num_input_tokens_seen == 3 * 1306 and "tokens_estimated" not in summary
+    assert summary["hardware"] == f"CPU ({platform.machine()}, {available_cores()} cores), 1 process x 1 torch thread"
+    card = str(build_model_card(out, "alice/en-fr"))
+    assert "- **Tokens seen:** 3,918\n" in card
+    assert f"- **Hardware:** {summary['hardware']}, " in card
+    assert ("peak learning rate 0.002 reached (configured 0.01, never reached: the warmup of 10 steps was not over "
+            "after 3)") in card  # fmt: skip

@@ -135,6 +135,9 @@ def checkpoint(tmp_path_factory):
     (folder / "training_summary.json").write_text(json.dumps(summary))
     (folder / "loss_curve.png").write_bytes(_png(losses))
     (folder / "optimizer.pt").write_bytes(b"not for the Hub")
+    trainer_state = {"global_step": 40, "best_model_checkpoint": "/home/alice/private/run/checkpoint-20",
+                     "log_history": [{"loss": losses[-1], "step": 40}]}  # fmt: skip
+    (folder / "trainer_state.json").write_text(json.dumps(trainer_state))  # Trainer's resume state
     (folder / "checkpoint-20").mkdir()
     (folder / "checkpoint-20" / "config.json").write_text("{}")
     return folder, model, tokenizer, summary
@@ -200,7 +203,8 @@ def test_pushed_repo_holds_a_complete_checkpoint(hub, pushed, checkpoint):
         "tokenizer.json",
         "tokenizer_config.json",
         "training_summary.json",
-    }  # optimizer.pt and checkpoint-20/ stayed local
+    }  # optimizer.pt, trainer_state.json and checkpoint-20/ stayed local
+    assert not [name for name, data in files.items() if b"/home/alice/private" in data]  # nor its local paths
     config = json.loads(files["config.json"])
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
     assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
@@ -528,6 +532,38 @@ def test_card_reads_data_and_peak_learning_rate_from_the_checkpoint_records(tmp_
     (ft / "trainer_state.json").write_text(json.dumps({"global_step": 50, "log_history": history}))
     text = str(build_model_card(ft, "alice/ft"))
     assert "peak learning rate 0.003" in text and "peak learning rate 2e-05" not in text
+
+
+def test_the_card_gives_the_peak_learning_rate_a_run_reached_not_the_configured_one(tmp_path):
+    """warmup_steps >= max_steps: pretraining's get_lr (linear warmup over warmup_steps + 1) climbs to 49/101 of
+    --learning_rate in 49 steps; a fine-tune's training_summary.json records its own peak beside the configured."""
+    tiny_config().save_pretrained(tmp_path / "pre")
+    (tmp_path / "pre" / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    train = {"learning_rate": 1e-3, "min_learning_rate": 1e-4, "warmup_steps": 100, "max_steps": 50}
+    (tmp_path / "pre" / "train_state.json").write_text(json.dumps({"state": {"step": 49}, "args": {"train": train}}))
+    text = str(build_model_card(tmp_path / "pre", "alice/pre"))
+    assert (f"peak learning rate {1e-3 * 49 / 101:.4g} reached (configured 0.001, never reached: the warmup of 100 "
+            "steps was not over after 49)") in text  # fmt: skip
+
+    shutil.copytree(tmp_path / "pre", tmp_path / "ft", ignore=shutil.ignore_patterns("train_state.json"))
+    summary = {"learning_rate": 4e-4, "configured_learning_rate": 1e-3, "warmup_steps": 0, "steps": 30}
+    (tmp_path / "ft" / "training_summary.json").write_text(json.dumps(summary))  # a schedule that peaked low
+    assert "peak learning rate 0.0004 reached (configured 0.001, never reached)" in str(
+        build_model_card(tmp_path / "ft", "alice/ft"))
+    summary.update(learning_rate=1e-3)  # reached: the card says nothing more
+    (tmp_path / "ft" / "training_summary.json").write_text(json.dumps(summary))
+    assert "peak learning rate 0.001\n" in str(build_model_card(tmp_path / "ft", "alice/ft"))
+
+
+def test_the_card_reads_the_tokens_trainer_counted(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    state = {"global_step": 3, "num_input_tokens_seen": 3918, "log_history": [{"loss": 2.0, "step": 3}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert "- **Tokens seen:** 3,918\n" in str(build_model_card(tmp_path, "alice/ft"))
+    state["num_input_tokens_seen"] = 0  # Trainer's value when it was not counting
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert "- **Tokens seen:** not recorded in the checkpoint\n" in str(build_model_card(tmp_path, "alice/ft"))
 
 
 def test_card_of_a_supervised_finetune_shows_its_prompt_template(tmp_path):

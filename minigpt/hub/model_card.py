@@ -10,13 +10,17 @@ Training details are read from whatever the folder holds, first match wins per f
                             what transformers' Trainer writes with `save_metrics` (minigpt/train/finetune.py);
     log.jsonl               minigpt/train/pretrain.py's log: {"step", "loss", "lr", "tokens_seen", ...} and
                             {"step", "val_loss", "val_perplexity"} lines;
-    trainer_state.json      Trainer's `save_state`: the log history;
+    train_state.json        minigpt/train/pretrain.py's checkpoint record (or the newest checkpoints/step-N's): data,
+                            schedule (the peak rate reached is computed with its get_lr), steps, tokens seen;
+    trainer_state.json      Trainer's `save_state`: the log history, num_input_tokens_seen (read here, never
+                            published: minigpt.hub.push keeps it local);
     *.png                   images, shown in the card (a name with "loss" in it is the loss curve).
 
 training_summary.json keys (all optional): datasets (Hub dataset ids), data (a sentence about the data),
 base_model (Hub id of the model it was fine-tuned from),
-eval_dataset (name for the model-index), tokens, steps, batch_size, hardware, wall_time_s, learning_rate,
-final_train_loss, final_val_loss, val_perplexity. Common aliases (train_loss, eval_loss, perplexity, total_tokens,
+eval_dataset (name for the model-index), tokens (tokens_estimated: true when it is not a count), steps, batch_size,
+hardware, wall_time_s, learning_rate (the peak the run reached), configured_learning_rate and warmup_steps (to say
+why a peak fell short of the configured rate), final_train_loss, final_val_loss, val_perplexity. Common aliases (train_loss, eval_loss, perplexity, total_tokens,
 global_step, ...) are understood as well.
 """
 
@@ -40,7 +44,8 @@ ALIASES = {
     "final_train_loss": ("final_train_loss", "loss", "train_loss"),  # the last logged loss, not the run's mean
     "final_val_loss": ("final_val_loss", "val_loss", "eval_loss"),
     "val_perplexity": ("val_perplexity", "perplexity", "eval_perplexity"),
-    "tokens": ("tokens", "total_tokens", "train_tokens", "tokens_seen"),
+    "tokens": ("tokens", "total_tokens", "train_tokens", "tokens_seen", "num_input_tokens_seen"),
+    "tokens_estimated": ("tokens_estimated",),  # tokens is an estimate (epochs x tokens per epoch), not a count
     "steps": ("steps", "global_step", "step", "max_steps", "total_steps"),
     "wall_time_s": ("wall_time_s", "train_runtime", "training_time_s"),
     "batch_size": ("batch_size", "train_batch_size", "tokens_per_step"),
@@ -48,7 +53,9 @@ ALIASES = {
     "datasets": ("datasets",),
     "eval_dataset": ("eval_dataset",),
     "hardware": ("hardware", "device"),
-    "learning_rate": ("learning_rate", "lr"),
+    "learning_rate": ("learning_rate", "lr"),  # the peak reached (the largest logged rate when nothing better)
+    "configured_learning_rate": ("configured_learning_rate",),  # the schedule's nominal peak, when it differs
+    "warmup_steps": ("warmup_steps",),
     "epochs": ("epochs", "num_train_epochs", "epoch"),
     "base_model": ("base_model",),
 }
@@ -107,8 +114,12 @@ def read_training_info(folder: Path) -> dict:
             data = [Path(d).name if Path(d).is_absolute() else d for d in (data if isinstance(data, list) else [data])]
             raw.setdefault("data", ", ".join(data))
         train = args.get("train") or {}
-        for ours, value in (("learning_rate", train.get("learning_rate")), ("step", state.get("step")),
-                            ("tokens_seen", state.get("tokens_seen"))):
+        peak = pretrain_peak_learning_rate(train, state.get("step"))  # None: an incomplete record, take the configured
+        for ours, value in (("learning_rate", train.get("learning_rate") if peak is None else peak),
+                            ("configured_learning_rate", train.get("learning_rate")),
+                            ("warmup_steps", train.get("warmup_steps")), ("step", state.get("step")),
+                            ("tokens_seen", state.get("tokens_seen")),
+                            ("hardware", loop.get("hardware") or state.get("hardware"))):  # fmt: skip
             if value is not None:
                 raw.setdefault(ours, value)
     state_path = Path(folder) / "trainer_state.json"
@@ -125,6 +136,8 @@ def read_training_info(folder: Path) -> dict:
         for key in ("global_step", "train_batch_size", "num_train_epochs"):
             if state.get(key) is not None:
                 raw.setdefault(key, state[key])
+        if state.get("num_input_tokens_seen"):  # 0 when --include_num_input_tokens_seen was off
+            raw.setdefault("num_input_tokens_seen", state["num_input_tokens_seen"])
     info = {}
     for ours, names in ALIASES.items():
         for name in names:
@@ -138,9 +151,48 @@ def read_training_info(folder: Path) -> dict:
     return info
 
 
+def pretrain_peak_learning_rate(train: dict, steps: int | None) -> float | None:
+    """The highest rate minigpt.train.pretrain's schedule (get_lr, a pure function of the step) gave any of the
+    `steps` steps run, from the arguments saved in train_state.json; None when they are incomplete. Below
+    --learning_rate when the run ended inside the warmup (warmup_steps >= max_steps, or --stop_at_step)."""
+    if not steps:
+        return None
+    # only here: pretrain brings torch and accelerate, which a card without a train_state.json does not need
+    from minigpt.train.pretrain import SCHEDULE, get_lr  # SCHEDULE: get_lr's arguments by their argument names
+
+    if any(train.get(name) is None for name in SCHEDULE):
+        return None
+    kwargs = {ours: train[name] for name, ours in SCHEDULE.items()}
+    return max(get_lr(step, **kwargs) for step in range(steps))
+
+
+def _learning_rate(info: dict) -> str:
+    """', peak learning rate X', saying so when the run never reached the configured rate."""
+    if "learning_rate" not in info:
+        return ""
+    text = f", peak learning rate {_fmt(info['learning_rate'])}"
+    configured = info.get("configured_learning_rate")
+    if isinstance(configured, (int, float)) and info["learning_rate"] < configured * (1 - 1e-6):
+        warmup, steps = info.get("warmup_steps"), info.get("steps")
+        why = (f": the warmup of {_fmt(warmup)} steps was not over after {_fmt(steps)}"
+               if isinstance(warmup, (int, float)) and isinstance(steps, int) and warmup >= steps else "")
+        text += f" reached (configured {_fmt(configured)}, never reached{why})"
+    return text
+
+
 def _images(folder: Path) -> list[str]:
     images = sorted(p.name for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".svg"))
     return sorted(images, key=lambda name: "loss" not in name.lower())  # the loss curve first
+
+
+def _tokens(info: dict) -> str:
+    if info.get("tokens_estimated"):
+        return f"about {_fmt(info['tokens'])} (epochs run x tokens per epoch)"
+    return _fmt(info["tokens"])
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} seconds" if seconds < 60 else f"{seconds / 60:.1f} minutes"
 
 
 def _fmt(value) -> str:
@@ -327,12 +379,12 @@ def _body(name, repo_id, config, info, n_params, dtype, images, revision, templa
         "## Training",
         "",
         f"- **Data:** {info.get('data') or ', '.join(info.get('datasets') or []) or not_recorded}",
-        f"- **Tokens seen:** {_fmt(info['tokens']) if 'tokens' in info else not_recorded}",
+        f"- **Tokens seen:** {_tokens(info) if 'tokens' in info else not_recorded}",
         f"- **Optimizer steps:** {_fmt(info['steps']) if 'steps' in info else not_recorded}"
         + (f" (batch {_fmt(info['batch_size'])})" if "batch_size" in info else "")
-        + (f", peak learning rate {_fmt(info['learning_rate'])}" if "learning_rate" in info else ""),
+        + _learning_rate(info),
         f"- **Hardware:** {info.get('hardware', not_recorded)}"
-        + (f", {info['wall_time_s'] / 60:.1f} minutes" if isinstance(info.get("wall_time_s"), (int, float)) else ""),
+        + (f", {_duration(info['wall_time_s'])}" if isinstance(info.get("wall_time_s"), (int, float)) else ""),
         f"- **Final training loss:** {_fmt(info['final_train_loss']) if 'final_train_loss' in info else not_recorded}",
         f"- **Final validation loss:** {_fmt(info['final_val_loss']) if 'final_val_loss' in info else not_recorded}"
         + (f" (perplexity {_fmt(info['val_perplexity'])})" if "val_perplexity" in info else ""),

@@ -5,7 +5,8 @@
 
 What gets pushed: the safetensors weights, config.json (with `auto_map`) and the modeling code, the tokenizer,
 generation_config.json, a generated README.md (see minigpt/hub/model_card.py), images such as the loss curve and the
-training summaries. Optimizer/scheduler/RNG states, pickles and sub-folders (Trainer's checkpoint-N/) stay local.
+training summaries. Optimizer/scheduler/RNG states, Trainer's trainer_state.json, pickles and sub-folders (Trainer's
+checkpoint-N/) stay local; the card is built from the local folder, so it still reads them.
 
 The files are staged in a temporary folder, so the checkpoint folder is never modified by a failed push. After a
 successful push, the generated README.md (and any repaired config.json/code) is written back to the folder, so it
@@ -45,6 +46,13 @@ PUSHED_SUFFIXES = (
     ".jpeg",
     ".svg",
 )
+# Top-level files of a published suffix that stay local all the same. trainer_state.json is Trainer's resume state
+# (log history, callback states, best_model_checkpoint as a path on the trainer's machine): it only makes sense next
+# to the optimizer, scheduler and RNG files that stay local, Trainer's own hub_strategy="end" push leaves the
+# checkpoints' copies behind, and the card already gives what a reader needs from it (it is read from the local
+# folder: losses, steps, tokens seen). The metrics files (train/eval/all_results.json) and training_summary.json,
+# the facts behind the card, are published.
+LOCAL_FILES = ("trainer_state.json",)
 DEFAULT_COMMIT_MESSAGE = "Upload MiniGPT checkpoint with minigpt/hub/push.py"
 
 
@@ -94,7 +102,8 @@ def stage_files(folder: Path, stage: Path) -> tuple[list[str], list[str]]:
     for path in sorted(folder.iterdir()):
         if path.name == "README.md":  # the card is decided by push_folder
             continue
-        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() not in PUSHED_SUFFIXES:
+        if (path.name.startswith(".") or path.is_dir() or path.suffix.lower() not in PUSHED_SUFFIXES
+                or path.name in LOCAL_FILES):  # fmt: skip
             skipped.append(path.name + ("/" if path.is_dir() else ""))
             continue
         if path.suffix == ".safetensors":

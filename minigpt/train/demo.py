@@ -24,9 +24,46 @@ from minigpt.train.args import parse_args
 from minigpt.train.checkpoints import latest_checkpoint, load_pretrained
 from minigpt.train.data import prepare_data, unigram_perplexity
 
+# What the demo passes to minigpt.train.pretrain before the user's own flags, which override these values (a
+# --config of the user's replaces the preset: pretrain reads the first --config it sees).
+DEMO_FLAGS = ["--config", "tiny", "--cpu", "--overwrite_output_dir"]
+
+
+def pretrain_argv(output_dir: str, extra: list[str]) -> list[str]:
+    own_config = any(a == "--config" or a.startswith("--config=") for a in extra)
+    flags = DEMO_FLAGS[2:] if own_config else DEMO_FLAGS
+    return [*flags, "--output_dir", output_dir, *extra]
+
+
+def pretrain_flags() -> list[str]:
+    """The flags of minigpt.train.pretrain, which the demo passes through: its parser's own option strings."""
+    from transformers import HfArgumentParser
+
+    from minigpt.train.args import DataArguments, ModelArguments, TrainArguments  # the parser of args.parse_args
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+    flags = [action.option_strings[0] for action in parser._actions if action.dest != "help"]
+    return [flag for flag in flags if flag not in ("--output_dir", "--resume")]  # the demo's own
+
+
+def epilog() -> str:
+    return (
+        "Every other flag goes to minigpt.train.pretrain, after the demo's own "
+        f"`{' '.join(DEMO_FLAGS)} --output_dir OUTPUT_DIR`, whose values a flag given here overrides (a --config "
+        "replaces the preset), e.g. `--max_steps 200` or `--n_layer 2`. `python -m minigpt.train.pretrain --help` "
+        "explains each one with its units. They are: "
+        + " ".join(pretrain_flags())
+    )
+
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m minigpt.train.demo",
+        usage="%(prog)s [-h] [--output_dir OUTPUT_DIR] [--resume] [minigpt.train.pretrain flags ...]",
+        description=__doc__.split("\n\n")[0],
+        epilog=epilog(),
+        allow_abbrev=False,  # --out would be taken for --output_dir, though pretrain may have a flag it abbreviates
+    )
     p.add_argument("--output_dir", default="runs/demo", help="Where the model, checkpoints and loss.png go.")
     p.add_argument(
         "--resume",
@@ -38,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:
         train_argv = ["--resume", args.output_dir, *extra]
     else:
-        train_argv = ["--config", "tiny", "--output_dir", args.output_dir, "--cpu", "--overwrite_output_dir", *extra]
+        train_argv = pretrain_argv(args.output_dir, extra)
     try:
         result = pretrain.main(train_argv)
     except KeyboardInterrupt:  # before the loop's own handler (data preparation), or a second Ctrl-C

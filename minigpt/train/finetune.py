@@ -17,7 +17,7 @@ Two modes:
               decodes greedily, so the model gets by default what it was trained on.
 
 --threads sets torch's CPU threads (minigpt/train/threads.py; the default suits a shared machine). Unless --logging_steps is
-given, the loss is logged about 20 times per run.
+given (on the command line or in the config file), the loss is logged about 20 times per run; see adjust_defaults.
 
 Arguments are our three dataclasses below plus transformers.TrainingArguments, parsed by HfArgumentParser from
 the command line, from a YAML/JSON file, or both (`finetune.py config.yaml --learning_rate 1e-4`):
@@ -34,13 +34,16 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
+import yaml
 from transformers import (
     AutoModelForCausalLM,
     DataCollatorWithPadding,
@@ -57,7 +60,7 @@ from minigpt.train.checkpoints import load_pretrained
 from minigpt.train.data import read_rows
 from minigpt.train.metrics import load_metric
 from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
-from minigpt.train.threads import THREADS_HELP, set_threads
+from minigpt.train.threads import THREADS_HELP, available_cores, set_threads
 from minigpt.train.tokenizer import (
     add_bos_by_default,
     check_local_path,
@@ -305,30 +308,52 @@ def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def tied_output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head when it shares its weight with the token embeddings (MiniGPT's lm_head by default), else None."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embeddings is not None and head.weight is embeddings.weight
+    return head if tied else None
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """The distinct last names of the Linear layers, the names LoRA's target_modules match against."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    """The distinct last names of the Linear layers LoRA may adapt, the names target_modules match against. A tied
+    LM head is left out: it is the embedding matrix, and an adapter on it would be a second, untied head that
+    merge_and_unload folds into the embeddings (peft's "all-linear" leaves it out for the same reason)."""
+    head = tied_output_layer(model)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})  # fmt: skip
 
 
 def apply_lora(model, target_modules: str | list[str] = DEFAULT_LORA_TARGETS, r: int = 8, alpha: int = 16,
                dropout: float = 0.0):
     """Wrap `model` in a peft LoRA model. Every target name must match a module: peft alone only fails when none
-    does, so a typo among several names would silently leave that layer untrained."""
+    does, so a typo among several names would silently leave that layer untrained. The tied LM head is refused."""
     from peft import LoraConfig, get_peft_model
 
     if isinstance(target_modules, str) and target_modules != "all-linear":
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     if target_modules != "all-linear":
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        head = tied_output_layer(model)
+        tied = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if head is not None and m is head}
+        names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()} - tied
         missing = [t for t in target_modules if t not in names]
         if missing or not target_modules:
+            why = ""
+            if tied & set(missing):
+                why = f" ({', '.join(sorted(tied))} is the LM head, tied to the token embeddings)"
             raise ValueError(
-                f"LoRA target modules {missing or target_modules} match no module of {type(model).__name__}. "
-                f"Its linear layers are {linear_module_names(model)}; list some of those, or pass 'all-linear'."
+                f"LoRA target modules {missing or target_modules} match no module of {type(model).__name__} that "
+                f"LoRA can adapt{why}. Its linear layers are {linear_module_names(model)}; list some of those, or "
+                "pass 'all-linear'."
             )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft (0.21.2, the newest) reads model.is_gradient_checkpointing in PeftModel.__init__, a property that
+        # transformers 5.24 deprecates with a FutureWarning on every LoRA run. Nothing on our side calls it; drop
+        # this filter once peft reads is_activation_checkpointing.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,12 +368,33 @@ def parse_args(argv: list[str] | None = None):
     from minigpt.train.args import read_arguments  # the one way both training scripts read a config file
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    config = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml", ".json")) else None
+    config = argv.pop(0) if is_config_file(argv) else None
     return read_arguments(HfArgumentParser(ARGUMENT_CLASSES), argv, config)
 
 
+def is_config_file(argv: list[str]) -> bool:
+    return bool(argv) and argv[0].endswith((".yaml", ".yml", ".json"))
+
+
+def given_arguments(argv: list[str]) -> set[str]:
+    """The names of the arguments the user set, in the config file (non-null values) or on the command line, whatever
+    their value: `logging_steps: 500` in a file is a choice, not TrainingArguments' default, and must be kept."""
+    argv = list(argv)
+    given = set()
+    if is_config_file(argv):
+        config = Path(argv.pop(0)).expanduser()  # read_arguments has parsed and checked it already
+        given |= {key for key, value in (yaml.safe_load(config.read_text()) or {}).items() if value is not None}
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    unset = object()  # not a string, so argparse leaves it as it is; whatever the command line names replaces it
+    parser.set_defaults(**{action.dest: unset for action in parser._actions if action.dest != "help"})
+    namespace, _ = parser.parse_known_args(argv)
+    return given | {name for name, value in vars(namespace).items() if value is not unset}
+
+
 def main(argv: list[str] | None = None) -> Trainer:
+    argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, extra_args, training_args = parse_args(argv)
+    given = given_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not training_args.should_log:
         logger.setLevel(logging.WARNING)
@@ -411,6 +457,9 @@ def main(argv: list[str] | None = None) -> Trainer:
         callbacks.append(EarlyStoppingCallback(extra_args.early_stopping_patience,
                                                extra_args.early_stopping_threshold))
 
+    batches_per_epoch = math.ceil(len(train_set) / training_args.train_batch_size / max(1, training_args.world_size))
+    for note in adjust_defaults(training_args, given, batches_per_epoch):
+        logger.info(note)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -420,9 +469,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    set_logging_steps(training_args, argv, math.ceil(len(train_set) / training_args.train_batch_size
-                                                     / max(1, training_args.world_size)))
-    log_plan(trainer, train_set, max_length)
+    log_plan(trainer, train_set, data_args, max_length, batches_per_epoch)
 
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
@@ -451,40 +498,111 @@ def main(argv: list[str] | None = None) -> Trainer:
     return trainer
 
 
-def set_logging_steps(args: TrainingArguments, argv: list[str] | None, batches_per_epoch: int):
-    """Trainer logs the loss every logging_steps (default 500): more than a short fine-tune runs, so nothing
-    showed before the end. Unless --logging_steps is given, log about 20 times per run (every 1 to 50 steps)."""
-    given = any(a.startswith("--logging_steps") for a in (sys.argv[1:] if argv is None else argv))
-    if given or args.logging_steps != TrainingArguments.logging_steps:
-        return
-    steps_per_epoch = max(1, batches_per_epoch // max(1, args.gradient_accumulation_steps))
-    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    args.logging_steps = max(1, min(50, total // 20))
+def adjust_defaults(args: TrainingArguments, given: set[str], batches_per_epoch: int) -> list[str]:
+    """Replace TrainingArguments defaults that do not suit a short fine-tune, and only defaults: an argument in `given`
+    (set on the command line or in the config file, even to the default's value) is never changed. Returns one line
+    per change, for the log.
+
+    - logging_steps (default 500): more than a short fine-tune runs, so nothing showed before the end; log about 20
+      times per run instead (every 1 to 50 steps). eval_steps, which TrainingArguments sets to logging_steps when
+      it is not given, follows, unless that would break save_steps being a multiple of it (load_best_model_at_end).
+    - include_num_input_tokens_seen (default "no"): "non_padding", so that the model card can give the tokens the
+      model read (trainer_state.json's num_input_tokens_seen).
+    The others finetune touches keep an explicit value by construction: --threads (None = the default),
+    ddp_find_unused_parameters (None = not given) and push_to_hub (done by minigpt.hub.push instead of Trainer).
+    """
+    notes = []
+    if "logging_steps" not in given and args.logging_strategy == "steps":
+        steps_per_epoch = max(1, batches_per_epoch // max(1, args.gradient_accumulation_steps))
+        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+        old, args.logging_steps = args.logging_steps, max(1, min(50, total // 20))
+        notes.append(f"logging the loss every {args.logging_steps} steps of {total} (--logging_steps sets it; "
+                     f"Trainer's default is every {old:g})")
+        follows = not (args.load_best_model_at_end and args.save_strategy == "steps"
+                       and args.save_steps % args.logging_steps)  # fmt: skip
+        if "eval_steps" not in given and args.eval_strategy == "steps" and args.eval_steps == old and follows:
+            args.eval_steps = args.logging_steps
+            notes.append(f"evaluating every {args.eval_steps} steps (--eval_steps follows --logging_steps)")
+    if "include_num_input_tokens_seen" not in given and args.include_num_input_tokens_seen == "no":
+        args.include_num_input_tokens_seen = "non_padding"
+    return notes
 
 
-def log_plan(trainer: Trainer, train_set: datasets.Dataset, max_length: int):
-    """The derived numbers, printed before the first step."""
+def log_plan(trainer: Trainer, train_set: datasets.Dataset, data_args: DataArguments, max_length: int,
+             batches_per_epoch: int):
+    """The derived numbers, printed before the first step. A training row is what a batch holds one of: a
+    prompt/answer pair, a document (causal, --packing false), or a block of up to max_length tokens cut from the
+    EOS-separated stream of all documents (causal, packed), so the row count says nothing of the documents there."""
     args = trainer.args
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens = sum(len(ids) for ids in train_set["input_ids"])
+    if data_args.mode == "supervised":
+        data, unit = f"{len(train_set):,} prompt/answer pairs, one row each, {tokens:,} tokens", "pairs"
+    elif data_args.packing:
+        eos = trainer.processing_class.eos_token_id
+        documents = sum(ids.count(eos) for ids in train_set["input_ids"])
+        data = (f"{documents:,} documents, {tokens:,} tokens with an EOS after each, packed into {len(train_set):,} "
+                f"blocks of {max_length} tokens (the last may be shorter)")
+        unit = "blocks"
+    else:
+        data = f"{len(train_set):,} documents, one row each (cut at max_length {max_length}), {tokens:,} tokens"
+        unit = "documents"
     logger.info(
-        "%d training rows, %d tokens (max_length %d); %d per device x %d accumulation x %d processes = %d rows per "
-        "optimizer step, %.1f steps per epoch; trainable parameters: %d",
-        len(train_set), tokens, max_length, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-        args.world_size, rows_per_step, len(train_set) / rows_per_step,
+        "training data: %s; %d per device x %d accumulation x %d processes = %d %s per optimizer step, %d steps "
+        "per epoch; trainable parameters: %d",
+        data, args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size, rows_per_step,
+        unit, max(1, batches_per_epoch // args.gradient_accumulation_steps),  # as Trainer counts them
         sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     )
 
 
+def peak_learning_rate(trainer: Trainer) -> float | None:
+    """The highest learning rate an optimizer step of this run used. Not --learning_rate: a warmup as long as the run
+    (warmup_steps >= max_steps) stops before reaching it. Trainer's schedules are LambdaLR, a pure function of the
+    step (rate = base * lambda(step), step s for the s+1-th update), so the peak is exact, resumed runs included;
+    any other scheduler falls back to the largest rate in the log."""
+    scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)  # unwrap accelerate's wrapper
+    lambdas, bases = getattr(scheduler, "lr_lambdas", None), getattr(scheduler, "base_lrs", None)
+    steps = trainer.state.global_step
+    if lambdas and bases and steps > 0:
+        return max(base * rate(step) for base, rate in zip(bases, lambdas) for step in range(steps))
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    return max(logged) if logged else None
+
+
+def describe_hardware(args: TrainingArguments) -> str:
+    """What trained the model, for the card: the devices and their number, the CPU threads, mixed precision."""
+    device, processes = args.device, args.world_size
+    if device.type == "cuda":
+        hardware = f"{processes} x {torch.cuda.get_device_name(device)}"
+    elif device.type == "cpu":
+        threads = torch.get_num_threads()
+        hardware = (f"CPU ({platform.machine() or 'unknown'}, {available_cores()} cores), {processes} "
+                    f"process{'es' if processes > 1 else ''} x {threads} torch thread{'s' if threads > 1 else ''}")
+    else:  # mps, xpu, npu, ...
+        hardware = f"{processes} x {device.type.upper()} device"
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+    return hardware + (f", {precision} mixed precision" if precision else "")
+
+
 def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
-    """training_summary.json: the facts no Trainer file records, for the model card (minigpt/hub/model_card.py)."""
-    args = trainer.args
+    """training_summary.json: the facts no Trainer file records, for the model card (minigpt/hub/model_card.py):
+    the data, the hardware, the peak learning rate reached (beside the configured one) and the tokens read."""
+    args, state = trainer.args, trainer.state
     summary = {
         "data": f"{Path(data_args.train_file).name} ({data_args.mode} fine-tuning)",
-        "learning_rate": args.learning_rate,  # the peak: Trainer's logs hold the scheduled value at each log
-        "steps": trainer.state.global_step,
+        "learning_rate": peak_learning_rate(trainer),
+        "configured_learning_rate": args.learning_rate,
+        "warmup_steps": args.get_warmup_steps(state.max_steps),  # a fraction < 1 of the run becomes steps
+        "steps": state.global_step,
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "hardware": describe_hardware(args),
     }
+    if state.num_input_tokens_seen:  # --include_num_input_tokens_seen (on by default: see adjust_defaults)
+        summary["tokens"] = state.num_input_tokens_seen
+    elif trainer.train_dataset is not None and state.epoch:  # the epochs run times the tokens of one epoch
+        tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        summary["tokens"], summary["tokens_estimated"] = round(tokens_per_epoch * state.epoch), True
     path = Path(output_dir) / "training_summary.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**old, **summary}, indent=2) + "\n")
