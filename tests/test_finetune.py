@@ -255,6 +255,7 @@ def test_translation_pairs_are_learned_and_the_output_is_a_complete_checkpoint(b
         )
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == 0
+    assert generation["use_cache"] is True  # transformers' export recipes (torch.export, ExecuTorch) need it
 
     # without the package (trust_remote_code: the code files in the folder), through AutoModelForCausalLM and pipeline
     script = """

@@ -131,6 +131,9 @@ def test_config_presets_files_and_overrides(tmp_path):
     cfg.write_text(json.dumps({"n_layer": 3, "learning_rate": 1e-3}))
     model, _, train = parse_args([f"--config={cfg}", "--n_layer", "5"])
     assert (model.n_layer, train.learning_rate) == (5, 1e-3)
+    # given twice, the last --config counts, as the last value of any flag does
+    assert parse_args(["--config", "tiny", f"--config={cfg}"])[0].n_layer == 3
+    assert parse_args([f"--config={cfg}", "--config", "tiny"])[0].n_layer == 4
 
 
 def test_unknown_config_keys_are_named(tmp_path, capsys):

@@ -113,7 +113,9 @@ def test_run_writes_a_loadable_model_checkpoints_logs_and_plot(corpus, tmp_path)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
     step30 = out / "checkpoints" / "step-30"
-    assert json.loads((step30 / "train_state.json").read_text())["state"]["step"] == 30
+    record = json.loads((step30 / "train_state.json").read_text())
+    assert record["state"]["step"] == 30
+    assert record["hardware"].startswith("CPU (") and "1 process x 1 torch thread" in record["hardware"]  # for the card
     assert {"tokenizer.json", "tokenizer_config.json", "optimizer.bin", "random_states_0.pkl", "config.json",
             "modeling_minigpt.py", "generation_config.json"} <= {p.name for p in step30.iterdir()}  # fmt: skip
     from_ckpt = AutoModelForCausalLM.from_pretrained(step30)

@@ -1,1 +1,1 @@
-"""Training, fine-tuning and evaluation tools for MiniGPT: run as `minigpt-<name>` or `python -m minigpt.train.<name>`."""
+"""MiniGPT's training, fine-tuning and evaluation tools: `minigpt-<name>`, or `python -m minigpt.train.<name>`."""

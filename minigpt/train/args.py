@@ -1,6 +1,6 @@
-"""The arguments of minigpt/train/pretrain.py: the dataclasses, parsing (command line over a YAML/JSON file or preset over
-the defaults) and validation that reports every bad value at once, before any work starts; and `read_arguments`,
-which minigpt/train/finetune.py uses too, so that both scripts read config files the same way.
+"""The arguments of pretraining (minigpt/train/pretrain.py): the dataclasses, parsing (command line over a YAML/JSON
+file or preset over the defaults) and validation that reports every bad value at once, before any work starts; and
+`read_arguments`, which minigpt/train/finetune.py uses too, so that both scripts read config files the same way.
 
 DataArguments lives with the data pipeline in minigpt/train/data.py; the model's defaults and choices come from
 MiniGPTConfig. build_config turns the arguments into a MiniGPTConfig (check_args builds one too, so that a bad
@@ -59,7 +59,8 @@ class ModelArguments:
 class TrainArguments:
     config: str | None = arg(
         None,
-        "YAML/JSON file of arguments, or a preset in minigpt/train/configs/presets/ (tiny, gpt2-124m); flags override it.",
+        "YAML/JSON file of arguments, or a preset in minigpt/train/configs/presets/ (tiny, gpt2-124m); flags "
+        "override it.",
     )
     output_dir: str = arg("runs/pretrain", "Folder for the final model, checkpoints/ and logs.")
     max_steps: int = arg(1000, "Optimizer steps to train for (the schedule's length).")
@@ -296,9 +297,11 @@ def resume_defaults(parser: HfArgumentParser, checkpoint: Path) -> dict:
 
 
 def _config_path(parser: HfArgumentParser, argv: list[str]) -> Path | None:
-    """The file --config names: a path, or a preset's name (minigpt/train/configs/presets/<name>.yaml)."""
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    name = name or next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    """The file --config names: a path, or a preset's name (minigpt/train/configs/presets/<name>.yaml). Given twice,
+    the last one counts, as for every other flag (argparse keeps the last value)."""
+    names = [a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1]
+             for i, a in enumerate(argv) if a.startswith("--config=") or (a == "--config" and i + 1 < len(argv))]
+    name = names[-1] if names else None
     if not name:
         return None
     for path in (Path(name).expanduser(), PRESETS_DIR / f"{name}.yaml"):

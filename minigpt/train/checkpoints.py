@@ -1,5 +1,6 @@
-"""Checkpoint folders of minigpt/train/pretrain.py: where they live, how they are written, found, checked and pruned; and
-`load_pretrained`, which every script and hub/ use to load a model folder with a clear error for a damaged file.
+"""Checkpoint folders of pretraining (minigpt/train/pretrain.py): where they live, how they are written, found, checked
+and pruned; and `load_pretrained`, which every script and minigpt/hub/ use to load a model folder with a clear error for
+a damaged file.
 
     <output_dir>/checkpoints/step-<N>/   accelerate save_state + train_state.json + config, code and tokenizer
     <output_dir>/checkpoints/.tmp-step-<N>/, .old-step-<N>/   an interrupted save's leftovers, removed at the start
@@ -176,8 +177,9 @@ def save_checkpoint(
 
     Every process calls this, and `write_files(folder)` (every process: each saves its RNG state, and its shards
     under FSDP) writes the files into the temporary folder. On an OSError (disk full, read-only folder) the error
-    is printed, the partial folder removed, earlier checkpoints left alone, and None returned: training goes on. `save_delay` (seconds before the rename)
-    is for the fault tests (MINIGPT_DEBUG_SAVE_DELAY, see minigpt.train.args.DebugHooks).
+    is printed, the partial folder removed, earlier checkpoints left alone, and None returned: training goes on.
+    `save_delay` (seconds before the rename) is for the fault tests (MINIGPT_DEBUG_SAVE_DELAY, see
+    minigpt.train.args.DebugHooks).
     """
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     main = accelerator.is_main_process

@@ -3,9 +3,9 @@
     python -m minigpt.train.demo [--output_dir runs/demo] [any minigpt.train.pretrain flag, e.g. --max_steps 200]
     python -m minigpt.train.demo [--output_dir runs/demo] --resume     # continue an interrupted demo, then report
 
-It trains (minigpt/train/configs/presets/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its perplexity
-on the whole validation split (minigpt.train.pretrain.validate, as training does) next to the unigram perplexity of the same
-tokenizer on the same split (the best any model without context can do), prints a greedy, a top-k and a top-p
+It trains (minigpt/train/configs/presets/tiny.yaml), reloads the result with AutoModelForCausalLM, measures its
+perplexity on the whole validation split (pretrain.validate, as training does) next to the unigram perplexity of the
+same tokenizer on the same split (the best any model without context can do), prints a greedy, a top-k and a top-p
 sample, and points at the loss curve and the checkpoint. It exits 1 if the model does not reach at most half the
 unigram perplexity. A new demo starts over (--overwrite_output_dir: the earlier run's model, checkpoints and log go);
 interrupted (Ctrl-C), it reports no numbers, says how to continue, and exits 130.

@@ -1,8 +1,8 @@
 """Fine-tune a MiniGPT checkpoint (or any causal LM folder) with transformers' `Trainer`.
 
 Trainer owns the loop, the optimizer, mixed precision, accumulation, evaluation, checkpoints and resume. This file
-owns what is specific to the data: reading it (minigpt/train/data.py's reader), tokenizing and collating it. The prompt
-template, the label masking of pairs and their collator are in minigpt/train/pairs.py, shared with minigpt/train/evaluation.py.
+owns what is specific to the data: reading it (minigpt/train/data.py's reader), tokenizing and collating it. The
+prompt template, the label masking of pairs and their collator are in pairs.py, shared with evaluation.py.
 
 Two modes:
   causal      plain text (.txt, one document per blank-line-separated paragraph, or .jsonl with --text_field),
@@ -12,12 +12,12 @@ Two modes:
                   [BOS] prompt_template with {prompt} = row[prompt_field], + separator | row[answer_field] EOS
               with labels -100 on everything left of the bar (and on padding), so only the answer and its EOS
               are learned. The template is saved as `prompt_template.json` in the output folder, where
-              minigpt/train/evaluation.py and the model card (minigpt/hub/model_card.py) pick it up. The saved tokenizer adds
+              evaluation.py and the model card (minigpt/hub/model_card.py) pick it up. The saved tokenizer adds
               the BOS by itself (`tokenizer(text)`, as a `pipeline` calls it), and generation_config.json
               decodes greedily, so the model gets by default what it was trained on.
 
---threads sets torch's CPU threads (minigpt/train/threads.py; the default suits a shared machine). Unless --logging_steps is
-given (on the command line or in the config file), the loss is logged about 20 times per run; see adjust_defaults.
+--threads sets torch's CPU threads (threads.py; the default suits a shared machine). Unless --logging_steps is given
+(on the command line or in the config file), the loss is logged about 20 times per run; see adjust_defaults.
 
 Arguments are our three dataclasses below plus transformers.TrainingArguments, parsed by HfArgumentParser from
 the command line, from a YAML/JSON file, or both (`finetune.py config.yaml --learning_rate 1e-4`):
@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -59,8 +58,9 @@ import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from minigpt.train.checkpoints import load_pretrained
 from minigpt.train.data import read_rows
 from minigpt.train.metrics import load_metric
+from minigpt.train.monitoring import describe_hardware
 from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
-from minigpt.train.threads import THREADS_HELP, available_cores, set_threads
+from minigpt.train.threads import THREADS_HELP, set_threads
 from minigpt.train.tokenizer import (
     add_bos_by_default,
     check_local_path,
@@ -79,8 +79,8 @@ DEFAULT_LORA_TARGETS = "qkv_proj,o_proj,up_proj,down_proj"
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Checkpoint folder to start from (model + tokenizer): minigpt.train.pretrain's output, a folder "
-                  "converted from GPT-2 by minigpt.hub.convert_gpt2, or any causal LM folder."},
+        metadata={"help": "Checkpoint folder to start from (model + tokenizer): minigpt-pretrain's output, a folder "
+                  "converted from GPT-2 by minigpt-convert-gpt2, or any causal LM folder."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer folder, if it is not the model folder."}
@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     if context is not None and max_length > context:
         raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
     # generate() reads these from generation_config.json: stop at EOS, pad with the tokenizer's pad id
-    model.generation_config.update(**special_token_ids(tokenizer))
+    # use_cache: transformers' export recipes (torch.export, ExecuTorch) refuse a generation config without it
+    model.generation_config.update(use_cache=True, **special_token_ids(tokenizer))
     if data_args.mode == "supervised":
         # what the model was trained on is what it gets by default: tokenizer(prompt) starts with BOS as the rows
         # did, and answers are decoded greedily (pretraining's sampling defaults would pick wrong answers)
@@ -570,21 +571,6 @@ def peak_learning_rate(trainer: Trainer) -> float | None:
     return max(logged) if logged else None
 
 
-def describe_hardware(args: TrainingArguments) -> str:
-    """What trained the model, for the card: the devices and their number, the CPU threads, mixed precision."""
-    device, processes = args.device, args.world_size
-    if device.type == "cuda":
-        hardware = f"{processes} x {torch.cuda.get_device_name(device)}"
-    elif device.type == "cpu":
-        threads = torch.get_num_threads()
-        hardware = (f"CPU ({platform.machine() or 'unknown'}, {available_cores()} cores), {processes} "
-                    f"process{'es' if processes > 1 else ''} x {threads} torch thread{'s' if threads > 1 else ''}")
-    else:  # mps, xpu, npu, ...
-        hardware = f"{processes} x {device.type.upper()} device"
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else None
-    return hardware + (f", {precision} mixed precision" if precision else "")
-
-
 def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
     """training_summary.json: the facts no Trainer file records, for the model card (minigpt/hub/model_card.py):
     the data, the hardware, the peak learning rate reached (beside the configured one) and the tokens read."""
@@ -596,7 +582,8 @@ def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
         "warmup_steps": args.get_warmup_steps(state.max_steps),  # a fraction < 1 of the run becomes steps
         "steps": state.global_step,
         "batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-        "hardware": describe_hardware(args),
+        "hardware": describe_hardware(args.device, args.world_size,
+                                      "bf16" if args.bf16 else "fp16" if args.fp16 else None),
     }
     if state.num_input_tokens_seen:  # --include_num_input_tokens_seen (on by default: see adjust_defaults)
         summary["tokens"] = state.num_input_tokens_seen

@@ -1,5 +1,5 @@
 """What a pretraining run reports: the log (log.jsonl, the accelerate tracker, the console), the loss plot, MFU,
-and the per-rank debug dumps that the tests read. minigpt/train/pretrain.py writes through it; benchmarks/ share its FLOPs
+and the per-rank debug dumps that the tests read. Pretraining writes through it; benchmarks/ share its FLOPs
 formula and peak table, so that a training run and a benchmark count MFU the same way.
 """
 
@@ -36,6 +36,24 @@ def lookup_peak_tflops(device: torch.device | str) -> tuple[float, str]:
         return 0.0, ""
     name = torch.cuda.get_device_name(device)
     return next(((tflops, key) for key, tflops in PEAK_TFLOPS.items() if key in name), (0.0, name))
+
+
+def describe_hardware(device: torch.device, processes: int, mixed_precision: str | None = None) -> str:
+    """What trained a model, for its card: "CPU (x86_64, 2 cores), 2 processes x 1 torch thread",
+    "8 x NVIDIA H200, bf16 mixed precision", ..."""
+    import platform
+
+    from minigpt.train.threads import available_cores
+
+    if device.type == "cuda":
+        hardware = f"{processes} x {torch.cuda.get_device_name(device)}"
+    elif device.type == "cpu":
+        threads = torch.get_num_threads()
+        hardware = (f"CPU ({platform.machine() or 'unknown'}, {available_cores()} cores), {processes} "
+                    f"process{'es' if processes > 1 else ''} x {threads} torch thread{'s' if threads > 1 else ''}")
+    else:  # mps, xpu, npu, ...
+        hardware = f"{processes} x {device.type.upper()} device"
+    return hardware + (f", {mixed_precision} mixed precision" if mixed_precision not in (None, "no") else "")
 
 
 def count_params(model: torch.nn.Module) -> int:

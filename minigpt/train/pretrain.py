@@ -65,6 +65,7 @@ from minigpt.train.data import DataError, PreparedData, prepare_data
 from minigpt.train.monitoring import (
     RunLog,
     count_params,
+    describe_hardware,
     dump_rank,
     flops_per_token,
     lookup_peak_tflops,
@@ -544,7 +545,9 @@ def save(run: Run) -> Path | None:
     what = nonfinite_state(run.accelerator, run.model, run.optimizer)
     if what:
         raise NonFiniteLoss(run.state.step, what, latest_checkpoint(run.ckpt_root), skippable=False)
-    train_state = {"state": asdict(run.state), "args": run.saved_args}
+    a = run.accelerator
+    train_state = {"state": asdict(run.state), "args": run.saved_args,
+                   "hardware": describe_hardware(a.device, a.num_processes, a.mixed_precision)}  # fmt: skip
     return save_checkpoint(
         run.accelerator, partial(write_checkpoint, run, train_state), run.ckpt_root, run.state.step,
         run.args.keep_last, run.debug.save_delay,
