@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: venv demo test test-oldest test-long bench bench-variants clean
+.PHONY: venv demo test test-oldest test-long test-gguf bench bench-variants clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ $(OLDEST_VENV)/.installed: pyproject.toml
 test-oldest: $(OLDEST_VENV)/.installed
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	$(OLDEST_VENV)/bin/python -m pytest -m oldest $(PYTEST_ARGS)
+
+# the GGUF export run in llama.cpp: llama-cpp-python builds llama.cpp from source the first time (over 15 minutes on
+# 2 shared cores; pip caches the wheel, so later runs install in seconds), then greedy tokens must equal generate()'s
+test-gguf: venv
+	$(PY) -m pip install -q -e ".[dev,gguf-runtime]"
+	$(PY) -m pytest -m gguf $(PYTEST_ARGS) tests/test_export_gguf.py
 
 bench: venv
 	$(PY) -m benchmarks.run_all --device cpu
