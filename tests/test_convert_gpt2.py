@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from hub_server import hub_env
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -141,6 +141,8 @@ def test_minigpt_to_gpt2_round_trip(tmp_path, tied):
     main([str(tmp_path / "mini"), str(tmp_path / "gpt2"), "--reverse"])
     gpt2 = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
     assert type(gpt2) is GPT2LMHeadModel and gpt2.config.tie_word_embeddings is tied
+    # n_ctx, which GPT-2 tools such as llama.cpp's convert_hf_to_gguf.py read, is the context length
+    assert json.loads((tmp_path / "gpt2" / "config.json").read_text())["n_ctx"] == mini.config.n_positions == 64
 
     ids = torch.randint(0, 100, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -292,3 +294,57 @@ def test_a_misspelled_local_path_fails_at_once_without_asking_the_hub(tmp_path, 
             main([typo.format(tmp=tmp_path), str(tmp_path / "out"), *reverse])
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_bare_name_that_is_no_folder_fails_at_once_offline(tmp_path, monkeypatch, reverse):
+    """gpt2-folderr: no "/", no such folder. Offline (as the tests run) it is not looked for on the Hub at all."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match=r"no such folder gpt2-folderr \(and gpt2-folderr is not a Hub id of the "
+                                         r"form owner/name\).*HF_HUB_OFFLINE is set.*openai-community/gpt2"):
+        main(["gpt2-folderr", str(tmp_path / "out"), *(["--reverse"] if reverse else [])])
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_name_fails_at_once_when_the_hub_cannot_be_reached_or_has_no_such_model(hub, tmp_path, monkeypatch):
+    """Online, the bare name is asked of the Hub once: an unreachable Hub or a missing model ends at once, with the
+    reason, instead of minutes of retries ending in "couldn't connect to huggingface.co"."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match=r"no such folder gpt2-folderr \(and gpt2-folderr is not a Hub id of the "
+                                         r"form owner/name\).*huggingface.co could not be reached"):
+        main(["gpt2-folderr", str(tmp_path / "out")])
+    assert time.perf_counter() - start < 30
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.url)  # a Hub that answers: no such model
+    with pytest.raises(SystemExit, match=r"no such folder gpt2-folderr .*huggingface.co has no model of that name"):
+        main(["gpt2-folderr", str(tmp_path / "out")])
+    assert [path for _, path, _ in hub.requests if "gpt2-folderr" in path] == ["/api/models/gpt2-folderr"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_converted_folder_without_a_tokenizer_gets_a_warning_that_says_how_to_add_one(tmp_path, caplog):
+    _tiny_gpt2("sdpa").save_pretrained(tmp_path / "gpt2")  # no tokenizer saved next to it
+    with caplog.at_level(logging.WARNING, logger="minigpt.hub.convert_gpt2"):
+        main([str(tmp_path / "gpt2"), str(tmp_path / "mini")])
+    dst = str(tmp_path / "mini")
+    assert f"{tmp_path / 'gpt2'} has no tokenizer, so the converted folder {dst} has none either" in caplog.text
+    assert f"AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained({dst!r})" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="minigpt.hub.convert_gpt2"):
+        main([dst, str(tmp_path / "back"), "--reverse"])
+    assert "has no tokenizer, so the converted folder" in caplog.text
+
+
+def test_no_tokenizer_warning_when_the_source_has_one(converted, caplog, tmp_path):
+    _, _, dst = converted  # converted with its tokenizer
+    with caplog.at_level(logging.WARNING, logger="minigpt.hub.convert_gpt2"):
+        main([str(dst), str(tmp_path / "gpt2"), "--reverse"])
+    assert "has no tokenizer" not in caplog.text
+    assert (tmp_path / "gpt2" / "tokenizer.json").is_file()

@@ -9,7 +9,10 @@ four Conv1D weights of each block are transposed. GPT-2's fused `c_attn` already
 [q | k | v], each `n_embd` wide and split into heads the same way, which is what MiniGPT's `qkv_proj` expects.
 
 The MiniGPT folder written is a complete checkpoint: weights, config.json with `auto_map`, the modeling code,
-generation_config.json and the tokenizer when the source has one.
+generation_config.json and the tokenizer when the source has one (a warning says how to add one where it has none).
+The GPT-2 folder that --reverse writes also carries `n_ctx` (= n_positions), which GPT-2 tools such as llama.cpp's
+converter read. A source that is neither an existing folder nor an owner/name Hub id (`gpt2-folderr`) is asked of
+the Hub once, and fails at once when the Hub has no such model, cannot be reached, or HF_HUB_OFFLINE is set.
 
 Every checkpoint GPT2LMHeadModel loads converts. A few values GPT2Config lets through (with at most a warning) are
 refused by MiniGPTConfig: special ids outside the vocabulary, a dropout of 1, a LayerNorm epsilon <= 0, an
@@ -18,11 +21,15 @@ reset, each with a warning that names it, and the logits stay the same.
 """
 
 import argparse
+import contextlib
+import importlib
 import logging
 import os
 import shutil
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
@@ -155,18 +162,57 @@ def config_to_gpt2(config: MiniGPTConfig) -> GPT2Config:
                 "norm_position='pre', bias=True) convert to GPT-2."
             )
     fields = {name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}
-    return GPT2Config(**fields, **GPT2_REQUIRED)
+    # n_ctx: GPT2LMHeadModel ignores it, but GPT-2 tools (llama.cpp's convert_hf_to_gguf.py among them) read it
+    return GPT2Config(**fields, **GPT2_REQUIRED, n_ctx=config.n_positions)
 
 
 def _read_config(src: str) -> dict:
     """config.json of a local folder or a Hub repo, as a dict, with errors that say what was expected."""
     check_local_path(src, "folder", "src")  # a typo'd local path fails now, not after a minute of Hub retries
+    if not Path(src).exists() and "/" not in src:
+        _check_bare_hub_name(src)
     if Path(src).exists() and not (Path(src) / "config.json").is_file():
         raise FileNotFoundError(
             f"{src} has no config.json; point at a folder written by save_pretrained (or a Hub model id)."
         )
     config, _ = PreTrainedConfig.get_config_dict(src)
     return config
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a request that got no answer, from the HTTP library huggingface_hub uses: httpx, or httpx2 in
+    some builds."""
+    errors = [OSError]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            errors.append(importlib.import_module(module).TransportError)
+    return tuple(errors)
+
+
+def _check_bare_hub_name(name: str) -> None:
+    """A name without "/" that is no local folder is most often a misspelled folder, but the Hub still serves a few
+    owner-less legacy ids (gpt2, distilgpt2, ...). Ask the Hub once, with a short timeout, and fail at once where it
+    has no such model or cannot answer, instead of letting from_pretrained retry for minutes."""
+    if constants.HF_HUB_OFFLINE:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # downloaded before: from_pretrained reads the cache
+        reason = "HF_HUB_OFFLINE is set and the local Hub cache has no copy of it"
+    else:
+        try:
+            HfApi().model_info(name, timeout=10)
+            return
+        except RepositoryNotFoundError:
+            reason = "huggingface.co has no model of that name"
+        except HfHubHTTPError as error:
+            if error.response is None or error.response.status_code not in (401, 404):
+                return  # the Hub answered (gated, rate-limited, ...): from_pretrained reports it in its own words
+            reason = "huggingface.co has no model of that name"
+        except _transport_errors() as error:  # no answer at all: DNS, refused connection, timeout, proxy
+            reason = f"huggingface.co could not be reached ({type(error).__name__}: {error})"
+    raise FileNotFoundError(
+        f"no such folder {name} (and {name} is not a Hub id of the form owner/name); tried as a Hub id anyway, but "
+        f"{reason}. Check the folder name, or give the Hub id as owner/name (e.g. openai-community/gpt2)."
+    )
 
 
 def _copy_tokenizer(src: str, dst: str) -> bool:
@@ -181,6 +227,17 @@ def _copy_tokenizer(src: str, dst: str) -> bool:
         return True
     except (OSError, ValueError):  # a Hub repo without tokenizer files
         return False
+
+
+def _copy_tokenizer_or_warn(src: str, dst: str) -> None:
+    """Copy the tokenizer of `src` into `dst`, or warn that `dst` has none and say how to add one."""
+    if not _copy_tokenizer(src, dst):
+        logger.warning(
+            "%s has no tokenizer, so the converted folder %s has none either: pipelines, generate scripts and the "
+            "GGUF export need one. Add the one the model was trained with: AutoTokenizer.from_pretrained(TOKENIZER)"
+            ".save_pretrained(%r), with TOKENIZER its folder or Hub id (openai-community/gpt2 for OpenAI's GPT-2).",
+            src, dst, str(dst),
+        )
 
 
 def _check_destination(src: str, dst: str):
@@ -208,7 +265,7 @@ def gpt2_to_minigpt(src: str, dst: str) -> MiniGPTForCausalLM:
     for name, value in ids.items():
         setattr(model.generation_config, name, value)
     model.to(gpt2.dtype).save_pretrained(dst)
-    _copy_tokenizer(src, dst)
+    _copy_tokenizer_or_warn(src, dst)
     return model
 
 
@@ -226,7 +283,7 @@ def minigpt_to_gpt2(src: str, dst: str) -> GPT2LMHeadModel:
     model = _load_converted(GPT2LMHeadModel(config), convert_state_dict(mini.state_dict(), config.n_layer, True))
     model.generation_config = mini.generation_config
     model.to(mini.dtype).save_pretrained(dst)
-    _copy_tokenizer(src, dst)
+    _copy_tokenizer_or_warn(src, dst)
     return model
 
 
