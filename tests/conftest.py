@@ -174,15 +174,22 @@ else:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+# what an in-process pretraining run reads from the environment: the debug hooks, and accelerate's launch settings
+LEAKABLE_ENV_PREFIXES = ("MINIGPT_DEBUG_", "ACCELERATE_", "FSDP_")
+
+
 @pytest.fixture(autouse=True)
-def no_leaked_debug_hooks():
-    """Drop the MINIGPT_DEBUG_* variables a test set. monkeypatch.setenv alone does not: datasets' Dataset.map with
-    num_proc rebinds os.environ to a deep copy (datasets 5.2, arrow_dataset.py, `os.environ = prev_env`), so the
-    undo deletes from the old object and a hook such as rank dumps stays on for every later in-process run."""
-    before = {k for k in os.environ if k.startswith("MINIGPT_DEBUG_")}
+def no_leaked_environment():
+    """Restore the MINIGPT_DEBUG_*, ACCELERATE_* and FSDP_* variables a test set or changed. monkeypatch.setenv alone
+    does not: datasets' Dataset.map with num_proc rebinds os.environ to a deep copy (datasets 5.2, arrow_dataset.py,
+    `os.environ = prev_env`), so the undo deletes from the old object and a hook such as rank dumps, or an FSDP
+    setting, stays on for every later in-process run."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(LEAKABLE_ENV_PREFIXES)}
     yield
-    for name in [k for k in os.environ if k.startswith("MINIGPT_DEBUG_") and k not in before]:
-        del os.environ[name]
+    for name in [k for k in os.environ if k.startswith(LEAKABLE_ENV_PREFIXES)]:
+        if name not in before:
+            del os.environ[name]
+    os.environ.update(before)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ SPEC = {
         (FLOATS, float),
     ),
     **dict.fromkeys(
-        ["bias", "compile", "cpu", "overwrite_output_dir", "skip_nonfinite", "push_to_hub", "hub_private"],
+        ["bias", "compile", "cpu", "fsdp", "overwrite_output_dir", "skip_nonfinite", "push_to_hub", "hub_private"],
         (BOOLS, bool),
     ),
     **dict.fromkeys(["seed", "split_seed"], (SEEDS, int)),
