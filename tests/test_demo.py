@@ -6,6 +6,7 @@ shrink the model to one 16-wide layer, so that a step takes milliseconds and the
 """
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -47,18 +48,20 @@ def test_a_config_given_to_the_demo_replaces_the_tiny_preset():
 
     assert pretrain_argv("out", ["--max_steps", "5"]) == ["--config", "tiny", "--cpu", "--overwrite_output_dir",
                                                           "--output_dir", "out", "--max_steps", "5"]  # fmt: skip
-    # pretrain reads the first --config, so the preset must not come before the user's
+    # the user's --config replaces the preset
     assert pretrain_argv("out", ["--config=mine.yaml"]) == ["--cpu", "--overwrite_output_dir", "--output_dir", "out",
                                                             "--config=mine.yaml"]  # fmt: skip
 
 
-def demo(processes: list, log: Path, *argv: str) -> subprocess.Popen:
-    """Start `python -m minigpt.train.demo argv` from the repo root, stdout and stderr in the file `log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def demo(processes: list, log: Path, *argv: str, command: list[str] | None = None) -> subprocess.Popen:
+    """Start `python -m minigpt.train.demo argv` (or `command argv`) from the repo root, in a shell where this
+    interpreter's folder is not on PATH (a .venv not activated); stdout and stderr in the file `log`."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != bin_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": path}
+    command = command or [sys.executable, "-m", "minigpt.train.demo"]
     with open(log, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "minigpt.train.demo", *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env
-        )
+        proc = subprocess.Popen([*command, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     proc.log = log
     processes.append(proc)
     return proc
@@ -92,12 +95,14 @@ def test_an_interrupted_demo_says_so_and_continues_and_a_new_one_never_reports_t
     assert_interrupted(text, proc)
     stopped = int(text.split("Stopped at step ")[1].split()[0])
     continue_line = next(line for line in text.splitlines() if line.startswith("continue:"))
-    assert continue_line.split(maxsplit=1)[1] == f"python -m minigpt.train.demo --output_dir {out} --resume"
+    hint = shlex.split(continue_line.split(maxsplit=1)[1])
+    assert hint[-3:] == ["--output_dir", str(out), "--resume"], continue_line
     assert not (out / "model.safetensors").exists()
 
-    # 2. that command continues it (here to a nearer end): the report is of the model trained to that step
+    # 2. that very command, run from a shell where .venv is not activated (PATH without this interpreter's folder),
+    # continues it (here to a nearer end): the report is of the model trained to that step
     end = stopped + 2
-    proc = demo(processes, tmp_path / "continued.log", "--output_dir", str(out), "--resume", "--max_steps", str(end))
+    proc = demo(processes, tmp_path / "continued.log", "--max_steps", str(end), command=hint)
     proc.wait(WAIT_S)
     text = proc.log.read_text(errors="replace")
     assert proc.returncode in (0, 1), text[-4000:]  # 1: a model this small and short fails the ratio, honestly
@@ -111,4 +116,4 @@ def test_an_interrupted_demo_says_so_and_continues_and_a_new_one_never_reports_t
     text = interrupt_after_step(proc, 3)
     assert_interrupted(text, proc)
     assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
-    assert "python -m minigpt.train.demo --output_dir" in text
+    assert f"--output_dir {out} --resume" in text

@@ -96,7 +96,6 @@ def test_each_bad_value_is_a_usage_error_with_its_own_message(capsys, argv, mess
         "--dropout 0.0",
         f"--seed {2**32 - 1}",
         "--learning_rate 6e-4 --min_learning_rate 6e-4",
-        "--push_to_hub --hub_model_id alice/tiny",
         "--block_size 1024 --n_positions 2048",
         "--max_grad_norm 0 --warmup_steps 0 --eval_every 0 --save_every 0",
         "--report_to none --mixed_precision bf16 --position_embedding_type rope --norm_position post --no_bias",
@@ -104,6 +103,24 @@ def test_each_bad_value_is_a_usage_error_with_its_own_message(capsys, argv, mess
 )
 def test_values_at_the_edges_of_their_ranges_are_accepted(argv):
     parse_args(argv.split())
+
+
+def test_push_to_hub_without_the_hub_or_a_token_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """push_folder refuses both, but only after the whole run; the same checks stop the run before it starts."""
+    from huggingface_hub import constants
+
+    argv = ["--push_to_hub", "--hub_model_id", "alice/tiny"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets when huggingface_hub loads
+    assert "--push_to_hub needs the Hub, and HF_HUB_OFFLINE is set" in usage_error(argv, capsys)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no `hf auth login`
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    message = usage_error(argv, capsys)
+    assert "--push_to_hub needs a Hugging Face token with write access: run `hf auth login`" in message
+    assert "minigpt-push OUTPUT_DIR REPO_ID" in message
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    assert parse_args(argv)[2].push_to_hub
 
 
 @pytest.mark.parametrize(

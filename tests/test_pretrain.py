@@ -290,6 +290,10 @@ def test_resume_alone_continues_with_the_saved_arguments(corpus, tmp_path, capsy
     assert losses(b) == losses(a)
     assert_same_weights(a, b)
 
+    # the finished run, resumed again: it says there is nothing left to train, and how to train longer
+    main(["--resume", str(b)])
+    assert "resume: the checkpoint has all 5 steps already; nothing is trained" in capsys.readouterr().out
+
 
 def test_resume_prints_each_override_and_announces_a_schedule_change(corpus, tmp_path, capsys):
     out = tmp_path / "r"

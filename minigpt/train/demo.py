@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt.commands import command
 from minigpt.train import generate, pretrain
 from minigpt.train.args import parse_args
 from minigpt.train.checkpoints import latest_checkpoint, load_pretrained
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - start
     print(f"\nloss curves: {out / 'loss.png'}")
     print(f"checkpoint:  {out} (AutoModelForCausalLM / AutoTokenizer / pipeline); full state in {out / 'checkpoints'}")
-    print(f"try:         python -m minigpt.train.generate --model {out} --prompt {prompt.strip()!r} --strategy top_p")
+    print(f"try:         {command('minigpt.train.generate')} --model {shlex.quote(str(out))} "
+          f"--prompt {shlex.quote(prompt.strip())} --strategy top_p")
     print(  # information, not a verdict: the time depends on the machine and its load; the check is the ratio above
         f"wall time:   {wall:.0f} s in all ({train_s:.0f} s of it data preparation and training) on "
         f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}"
@@ -141,7 +143,7 @@ def interrupted(out: Path, output_dir: str, extra: list[str]) -> int:
     print("\n" + "=" * 100)
     print("MiniGPT demo: interrupted before training finished; no perplexity, ratio or samples to report.")
     if latest_checkpoint(out / "checkpoints") is not None:
-        print(f"continue:    python -m minigpt.train.demo --output_dir {shlex.quote(output_dir)} --resume")
+        print(f"continue:    {command('minigpt.train.demo')} --output_dir {shlex.quote(output_dir)} --resume")
     else:
         again = shlex.join(["python", "-m", "minigpt.train.demo", "--output_dir", output_dir, *extra])
         print(f"no checkpoint was saved yet; start again: {again}")

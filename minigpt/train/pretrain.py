@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -43,6 +44,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
+from minigpt.commands import command
 from minigpt.train.args import (
     EXIT_NONFINITE,
     NOT_RESUMED,
@@ -232,6 +234,11 @@ def setup(argv: list[str] | None = None) -> Run:
             f"Resumed from {resume_from} at step {state.step} of {args.max_steps}: epoch {state.epoch + 1} continues "
             f"after {state.samples_in_epoch:,} of its {blocks_per_epoch:,} blocks."
         )
+        if state.step >= args.max_steps:
+            accelerator.print(
+                f"resume: the checkpoint has all {args.max_steps} steps already; nothing is trained, the final model "
+                "is evaluated and saved again. Raise --max_steps to train longer."
+            )
     n_params = count_params(accelerator.unwrap_model(model))
     run = Run(
         accelerator, model, optimizer, data, args, sharding, saved_args, out, ckpt_root, state,
@@ -406,8 +413,8 @@ def fit(run: Run) -> dict:
                     else f"--stop_at_step {a.stop_at_step}"
                 )  # fmt: skip
                 accelerator.print(
-                    f"Stopped at step {step} on {why}; last checkpoint {last_saved}. Continue with: "
-                    f"python -m minigpt.train.pretrain --resume {run.out}"
+                    f"\nStopped at step {step} on {why}; last checkpoint {last_saved}. Continue with: "
+                    f"{command('minigpt.train.pretrain')} --resume {shlex.quote(str(run.out))}"
                 )
                 status = "stopped"
                 break
@@ -697,7 +704,8 @@ def push(run: Run) -> None:
         except (PermissionError, ValueError, OSError) as e:
             raise SystemExit(
                 f"pretrain: error: the push to {a.hub_model_id} failed: {e} The model is saved in "
-                f"{run.out}; push it later with minigpt.hub.push.push_folder."
+                f"{run.out}; push it later with: {command('minigpt.hub.push')} {shlex.quote(str(run.out))} "
+                f"{a.hub_model_id}"
             ) from None
         print(f"Pushed {run.out} to {url}.")
     accelerator.wait_for_everyone()
