@@ -5,6 +5,7 @@ The demo trains on the built-in corpus (tokenized once, then cached under the te
 shrink the model to one 16-wide layer, so that a step takes milliseconds and the demo's report a few seconds.
 """
 
+import json
 import os
 import shlex
 import signal
@@ -98,6 +99,8 @@ def test_an_interrupted_demo_says_so_and_continues_and_a_new_one_never_reports_t
     hint = shlex.split(continue_line.split(maxsplit=1)[1])
     assert hint[-3:] == ["--output_dir", str(out), "--resume"], continue_line
     assert not (out / "model.safetensors").exists()
+    record = json.loads((out / "checkpoints" / f"step-{stopped}" / "train_state.json").read_text())
+    assert record["corpus"].startswith("the built-in corpus "), record  # the model card's data, without --data
 
     # 2. that very command, run from a shell where .venv is not activated (PATH without this interpreter's folder),
     # continues it (here to a nearer end): the report is of the model trained to that step

@@ -116,6 +116,7 @@ def test_run_writes_a_loadable_model_checkpoints_logs_and_plot(corpus, tmp_path)
     record = json.loads((step30 / "train_state.json").read_text())
     assert record["state"]["step"] == 30
     assert record["hardware"].startswith("CPU (") and "1 process x 1 torch thread" in record["hardware"]  # for the card
+    assert record["corpus"] is None  # --data given: the card names the files of args.data
     assert {"tokenizer.json", "tokenizer_config.json", "optimizer.bin", "random_states_0.pkl", "config.json",
             "modeling_minigpt.py", "generation_config.json"} <= {p.name for p in step30.iterdir()}  # fmt: skip
     from_ckpt = AutoModelForCausalLM.from_pretrained(step30)

@@ -553,8 +553,10 @@ def save(run: Run) -> Path | None:
     if what:
         raise NonFiniteLoss(run.state.step, what, latest_checkpoint(run.ckpt_root), skippable=False)
     a = run.accelerator
+    corpus = run.data.info.get("corpus", "user")  # without --data, the card names the built-in corpus from here
     train_state = {"state": asdict(run.state), "args": run.saved_args,
-                   "hardware": describe_hardware(a.device, a.num_processes, a.mixed_precision)}  # fmt: skip
+                   "hardware": describe_hardware(a.device, a.num_processes, a.mixed_precision),
+                   "corpus": None if corpus == "user" else f"the built-in corpus {corpus}"}  # fmt: skip
     return save_checkpoint(
         run.accelerator, partial(write_checkpoint, run, train_state), run.ckpt_root, run.state.step,
         run.args.keep_last, run.debug.save_delay,
