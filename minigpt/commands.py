@@ -1,4 +1,5 @@
-"""How to run MiniGPT's tools from the user's shell, for the commands a tool prints ("continue: ...", "try: ...").
+"""How MiniGPT's command-line tools talk to the shell: the commands they print ("continue: ...", "try: ..."), and
+their one-line endings for bad input and Ctrl-C.
 
 `python -m minigpt.train.pretrain` works only where `python` is the interpreter MiniGPT is installed in; after
 `make demo` that is .venv's, which a new shell has not activated. A printed command therefore names the console
@@ -35,3 +36,15 @@ def _shell_path(path: Path) -> str:
     except ValueError:
         text = str(path)
     return shlex.quote(text)
+
+
+def interrupted(prog: str, detail: str = "") -> int:
+    """Ctrl-C in a command-line tool: one line on stderr instead of a KeyboardInterrupt traceback; returns 130, the
+    exit status of a process ended by SIGINT (128 + 2), for `raise SystemExit(interrupted(...))`."""
+    print(f"{prog}: interrupted{detail}", file=sys.stderr, flush=True)
+    return 130
+
+
+def one_line(error) -> str:
+    """An error message on one line (transformers' Hub errors span several), for `tool: error: ...`."""
+    return " ".join(str(error).split())

@@ -348,3 +348,15 @@ def test_no_tokenizer_warning_when_the_source_has_one(converted, caplog, tmp_pat
         main([str(dst), str(tmp_path / "gpt2"), "--reverse"])
     assert "has no tokenizer" not in caplog.text
     assert (tmp_path / "gpt2" / "tokenizer.json").is_file()
+
+
+def test_an_unreachable_hub_id_is_one_line_and_exit_status_1(tmp_path):
+    """openai-community/gpt2 with no Hub to ask (offline, an empty cache, an endpoint nobody listens on): one line
+    `convert_gpt2: error: ...`, not transformers' OSError traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    cmd = [sys.executable, "-m", "minigpt.hub.convert_gpt2", "openai-community/gpt2", str(tmp_path / "out")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().startswith("convert_gpt2: error: ") and "openai-community/gpt2" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr

@@ -232,3 +232,78 @@ def test_bad_input_on_the_command_line_is_one_error_line_not_a_traceback(tmp_pat
     assert "Traceback" not in proc.stderr
     name = script.split(".")[-1]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"{name}: error: ") and "no such folder" in proc.stderr
+
+
+def _sigint_after(cmd: list[str], ready: str, log) -> tuple[int, str]:
+    """A real SIGINT to a real process once its output holds `ready`; (exit status, output)."""
+    import signal
+    import time
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(subprocess_env(), PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 300  # a loaded machine; a timeout means a hang
+        while ready not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        return proc.wait(300), log.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ctrl_c_exits_130_with_one_line(folders, tmp_path):
+    text = tmp_path / "long.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 4000)
+    status, out = _sigint_after([PYTHON, "-m", "minigpt.train.evaluation", str(folders["minigpt"]), "--data", str(text),
+                                 "--stride", "1", "--batch_size", "1", "--threads", "1"], "torch threads",
+                                tmp_path / "log")
+    assert status == 130 and "Traceback" not in out, out[-4000:]
+    assert out.strip().splitlines()[-1] == "evaluation: interrupted"
+
+
+def test_wrong_folders_names_and_data_say_what_they_are(folders, tmp_path, monkeypatch, capsys):
+    """A run's checkpoints/ folder is not a model folder (not "has no tokenizer"); a bare name that is no folder fails
+    at once; a data folder is a folder; pairs under other names (q/a) get the --prompt_field/--answer_field fix."""
+    run_dir = tmp_path / "tiny"
+    (run_dir / "checkpoints" / "step-10").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-10" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"model .*checkpoints is not a model folder \(no config.json\).* "
+                                                r"It holds model folders: step-10; pass one of those"):
+        lm_eval.main([str(run_dir / "checkpoints"), "--data", str(EN_FR)])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"no such folder tyni \(and tyni is not a Hub id.*HF_HUB_OFFLINE"):
+        lm_eval.main(["tyni", "--data", str(EN_FR)])
+    with pytest.raises(IsADirectoryError, match="--data .* is a folder; evaluation reads one .txt or .jsonl file"):
+        lm_eval.main([str(folders["minigpt"]), "--data", str(tmp_path)])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"q": "hot", "a": "cold"}\n')
+    with pytest.raises(ValueError, match="looks like prompt/answer pairs.*--mode pairs --prompt_field q "
+                                         "--answer_field a"):
+        lm_eval.main([str(folders["minigpt"]), "--data", str(pairs)])
+    with pytest.raises(SystemExit, match=r"evaluation: error: .*--prompt_field q --answer_field a"):
+        monkeypatch.setattr("sys.argv", ["minigpt-evaluate", str(folders["minigpt"]), "--data", str(pairs)])
+        lm_eval.cli()
+
+
+def test_a_lora_adapter_folder_evaluates_on_its_base_and_one_without_its_base_says_what_to_pass(folders, tmp_path):
+    """An adapter folder loads as transformers loads it with peft: its base with the adapter applied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minigpt.train.finetune import apply_lora
+
+    base = AutoModelForCausalLM.from_pretrained(folders["minigpt"])
+    adapter = tmp_path / "run" / "adapter"
+    apply_lora(base).save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(folders["minigpt"]).save_pretrained(adapter)
+    result = lm_eval.main([str(adapter), "--data", str(EN_FR), "--max_new_tokens", "2", "--threads", "1"])[0]
+    assert result["num_examples"] == len(read_jsonl(EN_FR))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "./gone"}))
+    with pytest.raises(FileNotFoundError, match=r"is a LoRA adapter on ./gone, but .*no such folder.*pass a merged "
+                                                r"model folder, or fix base_model_name_or_path"):
+        lm_eval.main([str(adapter), "--data", str(EN_FR)])

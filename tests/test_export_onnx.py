@@ -4,6 +4,8 @@ For each position type, a tiny model is exported once (prefill + decode graphs);
 PyTorch to 1e-4 on a left-padded batch, through the cache too, and greedy_onnx the same tokens as generate().
 """
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,19 @@ def test_a_folder_without_config_json_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="not MiniGPT.*minigpt.hub.convert_gpt2"):
         export_onnx.export(tmp_path, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("missing", ["onnxscript", "onnx"])
+def test_a_missing_optional_package_is_one_line_that_says_how_to_install_it(tmp_path, capsys, monkeypatch, missing):
+    """A wheel installed without the dev extra has no onnx/onnxscript/onnxruntime: one line naming the pip command,
+    before any model loads (here the folder does not even exist)."""
+    monkeypatch.setitem(sys.modules, missing, None)  # what find_spec reports for a package that is not installed
+    with pytest.raises(SystemExit) as exit_:
+        export_onnx.main([str(tmp_path / "missing"), str(tmp_path / "onnx")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert f"error: the ONNX export needs {missing}, which is not installed; install them with pip install onnx " \
+           "onnxscript onnxruntime (or the dev extra: pip install 'minigpt[dev]')" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match="needs onnxruntime"):
+        export_onnx.load_sessions(tmp_path)

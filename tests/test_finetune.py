@@ -9,12 +9,14 @@ import json
 import logging
 import math
 import platform
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from finetune_helpers import (
     EN_FR,
     PYTHON,
@@ -218,8 +220,13 @@ def test_mismatched_tokenizer_and_model_vocabulary_is_refused(tmp_path, tokenize
 def test_unknown_mode_and_missing_data_are_refused(base, tmp_path):
     with pytest.raises(ValueError, match="--mode 'sft' is unknown"):
         run("--model_name_or_path", base, "--train_file", EN_FR, "--mode", "sft", "--output_dir", tmp_path, max_steps=1)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"--train_file .*nope.jsonl: no such file"):
         run("--model_name_or_path", base, "--train_file", tmp_path / "nope.jsonl", "--output_dir", tmp_path,
+            max_steps=1)  # fmt: skip
+    (tmp_path / "my_texts").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"--train_file .*my_texts is a folder; fine-tuning takes one "
+                                                r"\.txt, \.jsonl or \.json file \(minigpt-pretrain is the one"):
+        run("--model_name_or_path", base, "--train_file", tmp_path / "my_texts", "--output_dir", tmp_path,
             max_steps=1)  # fmt: skip
     with pytest.raises(ValueError, match="needs held-out data"):
         run("--model_name_or_path", base, "--train_file", EN_FR, "--mode", "supervised", "--output_dir", tmp_path,
@@ -655,3 +662,158 @@ def test_the_summary_and_card_give_the_tokens_hardware_and_the_peak_learning_rat
     assert f"- **Hardware:** {summary['hardware']}, " in card
     assert ("peak learning rate 0.002 reached (configured 0.01, never reached: the warmup of 10 steps was not over "
             "after 3)") in card  # fmt: skip
+
+
+def test_arguments_are_checked_before_the_model_loads(base, tmp_path):
+    """--mode supervise is refused before the model loads: here the model folder is unreadable, and the error is
+    still the one about --mode."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("not json")
+    for flags, message in ((["--mode", "supervise"], "--mode 'supervise' is unknown"),
+                           (["--train_file", tmp_path], "is a folder"),
+                           (["--mode", "supervised", "--prompt_template", "Q:"], "has no '{prompt}' placeholder")):
+        argv = ["--model_name_or_path", broken, "--train_file", EN_FR, "--output_dir", tmp_path / "out", *flags]
+        with pytest.raises((ValueError, OSError), match=message):
+            run(*argv, max_steps=1)
+
+
+def test_a_bare_name_that_is_no_folder_fails_at_once_offline_or_with_the_hub_unreachable(tmp_path, monkeypatch):
+    """`--model_name_or_path tiny` with no folder tiny: said at once, for the model and the tokenizer options,
+    whatever the developer's environment (HF_HUB_OFFLINE forced on, then a Hub endpoint where nobody listens)."""
+    monkeypatch.chdir(tmp_path)
+    base = make_checkpoint(tmp_path / "base")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    for flags, option in ((["--model_name_or_path", "tiny"], "--model_name_or_path"),
+                          (["--model_name_or_path", base, "--tokenizer_name_or_path", "tiny"],
+                           "--tokenizer_name_or_path")):
+        with pytest.raises(FileNotFoundError, match=rf"{option}: no such folder tiny \(and tiny is not a Hub id of "
+                                                    r"the form owner/name\).*HF_HUB_OFFLINE is set"):
+            run(*flags, "--train_file", EN_FR, "--output_dir", tmp_path / "out", max_steps=1)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    with pytest.raises(FileNotFoundError, match=r"no such folder tiny .*huggingface.co could not be reached"):
+        run("--model_name_or_path", "tiny", "--train_file", EN_FR, "--output_dir", tmp_path / "out", max_steps=1)
+    assert time.perf_counter() - start < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_literal_backslash_n_in_the_template_options_is_a_newline(base, tmp_path):
+    """bash passes --separator "\\nA:" as backslash, n: both template options read \\n, \\t and \\\\ as the characters,
+    on the command line and in a config file, so the model trains on, and its card shows, a real newline."""
+    out = tmp_path / "out"
+    run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir", out,
+        "--prompt_template", r"Q:\t{prompt}\\", "--separator", r"\nA:", max_steps=1, save_strategy="no")
+    assert PromptTemplate.load(out) == PromptTemplate("Q:\t{prompt}\\", "\nA:")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model_name_or_path: {base}\nmode: supervised\ntrain_file: {EN_FR}\noutput_dir: {out}2\n"
+                      "separator: '\\nA:'\nmax_steps: 1\nsave_strategy: 'no'\nuse_cpu: true\nreport_to: none\n")
+    finetune.main([str(config)])
+    assert PromptTemplate.load(f"{out}2").separator == "\nA:"
+    help_text = subprocess.run([PYTHON, "-m", "minigpt.train.finetune", "--help"], capture_output=True, text=True,
+                               env=subprocess_env(), cwd=ROOT, timeout=300).stdout
+    assert r"Write a newline as \n, a tab as \t and a backslash as \\." in " ".join(help_text.split())
+
+
+def test_the_summary_and_card_name_the_base_model_and_what_it_was_trained_on(base, tmp_path):
+    """A fine-tune's card says what it started from: a local base by its folder name (never an absolute path) with
+    the base's own training facts, read from its records; a Hub id also goes into the `base_model:` metadata."""
+    from minigpt.hub.model_card import build_model_card
+
+    pretrained = tmp_path / "tiny"
+    make_checkpoint(pretrained)
+    # a pretrain run's record, as minigpt.train.pretrain writes it in each checkpoint
+    (pretrained / "checkpoints" / "step-40").mkdir(parents=True)
+    (pretrained / "checkpoints" / "step-40" / "train_state.json").write_text(json.dumps(
+        {"args": {"data": {"data": [str(tmp_path / "shakespeare.txt")]}}, "state": {"step": 40, "tokens_seen": 81920}}))
+    out = tmp_path / "en_fr"
+    run("--model_name_or_path", pretrained, "--mode", "supervised", "--train_file", EN_FR, "--output_dir", out,
+        max_steps=1, save_strategy="no")
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["base_model"] == {"name": "tiny", "hub": False, "data": "shakespeare.txt", "tokens": 81920}
+    card = str(build_model_card(out, "alice/en-fr"))
+    assert "Fine-tuned from `tiny` (pretrained on shakespeare.txt, 81,920 tokens)." in card
+    assert "- **Data:** en_fr.jsonl (supervised fine-tuning)" in card
+    assert "base_model" not in card.split("---")[1] and str(tmp_path) not in card
+
+    # a fine-tune of that fine-tune names the first one, fine-tuned on the pairs; a Hub id goes into the metadata
+    assert finetune.base_model_record(str(out))["base_model"]["name"] == "tiny"
+    summary["base_model"] = finetune.base_model_record("openai-community/gpt2")
+    (out / "training_summary.json").write_text(json.dumps(summary))
+    card = str(build_model_card(out, "alice/en-fr"))
+    assert "base_model: openai-community/gpt2" in card.split("---")[1]
+    assert "Fine-tuned from [openai-community/gpt2](https://huggingface.co/openai-community/gpt2)." in card
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([PYTHON, "-m", "minigpt.train.finetune", *map(str, argv)], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, env=dict(subprocess_env(), PYTHONUNBUFFERED="1"))
+
+
+def _interrupt_when(proc: subprocess.Popen, log: Path, ready) -> str:
+    """SIGINT once `ready(log text)` holds; the whole output once the process has exited."""
+    deadline = time.monotonic() + 300  # a loaded machine; a timeout means a hang
+    while not ready(log.read_text(errors="replace")):
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(300)
+    return log.read_text(errors="replace")
+
+
+def test_ctrl_c_says_where_the_run_got_to_and_how_to_continue_it(base, tmp_path):
+    """A real SIGINT to a real `python -m minigpt.train.finetune`: one line with the step, the last checkpoint and
+    the command that resumes from it, exit status 130, no traceback; before any checkpoint, it says there is none."""
+    tiny = ["--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--max_steps", "100000",
+            "--logging_steps", "1", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+            "--threads", "1", "--per_device_train_batch_size", "2"]
+    saving, unsaved = tmp_path / "saving", tmp_path / "unsaved"
+    procs = [_start([*tiny, "--output_dir", saving, "--save_steps", "2"], tmp_path / "saving.log"),
+             _start([*tiny, "--output_dir", unsaved, "--save_strategy", "no"], tmp_path / "unsaved.log")]
+    try:
+        text = _interrupt_when(procs[0], tmp_path / "saving.log",
+                               lambda _: (saving / "checkpoint-2" / "trainer_state.json").is_file())
+        other = _interrupt_when(procs[1], tmp_path / "unsaved.log", lambda log: "'loss'" in log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[0].returncode == 130 and "Traceback" not in text, text[-4000:]
+    last = text.strip().splitlines()[-1]
+    step = int(last.split("interrupted at step ")[1].split(";")[0])
+    checkpoint = max((p for p in saving.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                     key=lambda p: int(p.name.split("-")[1]))
+    assert step >= int(checkpoint.name.split("-")[1]) >= 2
+    assert last.startswith(f"finetune: interrupted at step {step}; the last checkpoint is {checkpoint}; continue "
+                           "with: ")
+    assert "minigpt-finetune --model_name_or_path " in last  # the console script, by its path where not on PATH
+    assert last.endswith(f"--output_dir {saving} --save_steps 2 --resume_from_checkpoint {checkpoint}")
+
+    assert procs[1].returncode == 130 and "Traceback" not in other, other[-4000:]
+    assert other.strip().splitlines()[-1].startswith("finetune: interrupted at step ")
+    assert "no checkpoint was saved yet" in other.strip().splitlines()[-1]
+
+
+def test_an_adapter_folder_continues_training_the_adapter(tmp_path):
+    """--model_name_or_path <output_dir>/adapter of a --lora run: the adapter loads on its base, trainable (not the
+    frozen inference load of AutoModelForCausalLM.from_pretrained(adapter)), and trains on; --lora on top of it is
+    refused with what to pass instead."""
+    from peft import PeftModel
+
+    base = make_checkpoint(tmp_path / "base")
+    first = tmp_path / "first"
+    run("--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--output_dir", first,
+        "--lora", "true", max_steps=2, learning_rate=1e-2, save_strategy="no")
+    second = tmp_path / "second"
+    trainer = run("--model_name_or_path", first / "adapter", "--mode", "supervised", "--train_file", EN_FR,
+                  "--output_dir", second, max_steps=2, learning_rate=1e-2, save_strategy="no")
+    assert isinstance(trainer.model, PeftModel)  # (its LoRA layers are merged away by now: the merged model is saved)
+    assert not torch.equal(weights(second)["model.layers.0.self_attn.qkv_proj.weight"],
+                           weights(first)["model.layers.0.self_attn.qkv_proj.weight"])  # trained further
+    assert (second / "adapter" / "adapter_config.json").is_file()
+    with pytest.raises(ValueError, match=r"is a LoRA adapter and --lora adds a new one .*Drop --lora"):
+        run("--model_name_or_path", first / "adapter", "--lora", "true", "--mode", "supervised", "--train_file",
+            EN_FR, "--output_dir", tmp_path / "third", max_steps=1)

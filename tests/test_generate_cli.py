@@ -172,3 +172,47 @@ def test_a_folder_without_a_tokenizer_says_so_and_takes_one_from_tokenizer(model
     assert "sentencepiece" not in str(e.value.code)
     greedy = run(model_dir, "--strategy", "greedy", "--max_new_tokens", 6)
     assert run(bare, "--strategy", "greedy", "--max_new_tokens", 6, "--tokenizer", model_dir) == greedy
+
+
+def test_a_bare_name_an_adapter_folder_and_ctrl_c(model_dir, tmp_path, monkeypatch, capsys):
+    """A bare name that is no folder fails at once; a LoRA adapter folder generates on its base (as transformers
+    loads it with peft); Ctrl-C (a real SIGINT to a real process) exits 130 with one line, no traceback."""
+    import signal
+    import time
+
+    from minigpt.train.finetune import apply_lora
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        run("tiny")
+    assert re.search(r"no such folder tiny \(and tiny is not a Hub id.*HF_HUB_OFFLINE", capsys.readouterr().err)
+
+    adapter = tmp_path / "adapter"
+    apply_lora(AutoModelForCausalLM.from_pretrained(model_dir)).save_pretrained(adapter)  # no tokenizer: the base's
+    assert run(adapter, "--strategy", "greedy", "--max_new_tokens", "3") == run(model_dir, "--strategy", "greedy",
+                                                                              "--max_new_tokens", "3")  # B = 0 at init
+
+    long = tmp_path / "long"  # rope positions: a context long enough to stream for minutes
+    config = MiniGPTConfig.from_pretrained(model_dir)
+    config.position_embedding_type, config.n_positions = "rope", 10**6
+    MiniGPTForCausalLM(config).save_pretrained(long)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(long)
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "minigpt.train.generate", "--model", str(long), "--prompt",
+                                 "To be", "--max_new_tokens", "900000", "--threads", "1", "--seed", "0"],
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 300  # a loaded machine; a timeout means a hang
+        while "To be" not in log.read_text(errors="replace").split("repeats this text)")[-1]:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(300) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text(errors="replace")
+    assert "Traceback" not in out and out.rstrip().endswith("generate: interrupted"), out[-4000:]

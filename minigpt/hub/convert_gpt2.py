@@ -21,20 +21,17 @@ reset, each with a warning that names it, and the logits stay the same.
 """
 
 import argparse
-import contextlib
-import importlib
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, try_to_load_from_cache
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
+from minigpt.commands import interrupted, one_line
 from minigpt.train.checkpoints import load_pretrained
-from minigpt.train.tokenizer import check_local_path
+from minigpt.train.sources import check_local_path
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 
 logger = logging.getLogger("minigpt.hub.convert_gpt2")
@@ -168,51 +165,19 @@ def config_to_gpt2(config: MiniGPTConfig) -> GPT2Config:
 
 def _read_config(src: str) -> dict:
     """config.json of a local folder or a Hub repo, as a dict, with errors that say what was expected."""
-    check_local_path(src, "folder", "src")  # a typo'd local path fails now, not after a minute of Hub retries
-    if not Path(src).exists() and "/" not in src:
-        _check_bare_hub_name(src)
+    # a typo'd local path, or a bare name the Hub doesn't serve, fails now, not after a minute of Hub retries
+    check_local_path(src, "folder", "src")
     if Path(src).exists() and not (Path(src) / "config.json").is_file():
         raise FileNotFoundError(
             f"{src} has no config.json; point at a folder written by save_pretrained (or a Hub model id)."
         )
-    config, _ = PreTrainedConfig.get_config_dict(src)
+    try:
+        config, _ = PreTrainedConfig.get_config_dict(src)
+    except OSError as error:  # transformers' words for an unreachable Hub name neither the model nor a fix
+        if Path(src).exists():
+            raise
+        raise OSError(f"cannot read the Hub model {src}: {error}") from None
     return config
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """The errors of a request that got no answer, from the HTTP library huggingface_hub uses: httpx, or httpx2 in
-    some builds."""
-    errors = [OSError]
-    for module in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError):
-            errors.append(importlib.import_module(module).TransportError)
-    return tuple(errors)
-
-
-def _check_bare_hub_name(name: str) -> None:
-    """A name without "/" that is no local folder is most often a misspelled folder, but the Hub still serves a few
-    owner-less legacy ids (gpt2, distilgpt2, ...). Ask the Hub once, with a short timeout, and fail at once where it
-    has no such model or cannot answer, instead of letting from_pretrained retry for minutes."""
-    if constants.HF_HUB_OFFLINE:
-        if isinstance(try_to_load_from_cache(name, "config.json"), str):
-            return  # downloaded before: from_pretrained reads the cache
-        reason = "HF_HUB_OFFLINE is set and the local Hub cache has no copy of it"
-    else:
-        try:
-            HfApi().model_info(name, timeout=10)
-            return
-        except RepositoryNotFoundError:
-            reason = "huggingface.co has no model of that name"
-        except HfHubHTTPError as error:
-            if error.response is None or error.response.status_code not in (401, 404):
-                return  # the Hub answered (gated, rate-limited, ...): from_pretrained reports it in its own words
-            reason = "huggingface.co has no model of that name"
-        except _transport_errors() as error:  # no answer at all: DNS, refused connection, timeout, proxy
-            reason = f"huggingface.co could not be reached ({type(error).__name__}: {error})"
-    raise FileNotFoundError(
-        f"no such folder {name} (and {name} is not a Hub id of the form owner/name); tried as a Hub id anyway, but "
-        f"{reason}. Check the folder name, or give the Hub id as owner/name (e.g. openai-community/gpt2)."
-    )
 
 
 def _copy_tokenizer(src: str, dst: str) -> bool:
@@ -310,8 +275,11 @@ def main(argv: list[str] | None = None):
     convert = minigpt_to_gpt2 if args.reverse else gpt2_to_minigpt
     try:
         model = convert(args.src, args.dst)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, KeyError, OSError) as e:  # bad input, an unreachable Hub: the message says what to do
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) wraps it in quotes
+        raise SystemExit(f"convert_gpt2: error: {one_line(message)}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(interrupted("convert_gpt2")) from None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {type(model).__name__} ({n_params:,} parameters) to {os.path.abspath(args.dst)}")
 

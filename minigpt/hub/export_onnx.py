@@ -25,6 +25,7 @@ gives the same tokens as `model.generate(do_sample=False)`.
 """
 
 import argparse
+import importlib.util
 import json
 import logging
 import time
@@ -44,6 +45,16 @@ logger = logging.getLogger("minigpt.hub.export_onnx")
 PREFILL_FILE = "model.onnx"
 DECODE_FILE = "model_with_past.onnx"
 DEFAULT_OPSET = 18
+INSTALL = "install them with pip install onnx onnxscript onnxruntime (or the dev extra: pip install 'minigpt[dev]')"
+
+
+def require(*modules: str) -> None:
+    """The optional packages of the export (not in a plain wheel install): an ImportError that says how to install
+    them, before any work, instead of a ModuleNotFoundError deep inside torch.onnx.export."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"the ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                          f"not installed; {INSTALL}")
 
 
 def past_names(n_layer: int, prefix: str) -> list[str]:
@@ -88,6 +99,7 @@ def load_model(model_dir: str | Path) -> nn.Module:
 
 def export(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> dict[str, float]:
     """Write out_dir/model.onnx (prefill) and out_dir/model_with_past.onnx (decode); returns seconds per file."""
+    require("onnx", "onnxscript")  # torch.onnx.export(dynamo=True) imports both
     model = load_model(model_dir)
     config = model.config
     out = Path(out_dir)
@@ -135,6 +147,7 @@ def _export_both(wrapper: CachedLM, config, out: Path, opset: int) -> dict[str, 
 
 def load_sessions(onnx_dir: str | Path):
     """(prefill, decode) onnxruntime InferenceSessions from a folder that export() wrote."""
+    require("onnxruntime")
     import onnxruntime as ort  # optional: only the export's users need it
 
     folder = Path(onnx_dir)
@@ -192,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         seconds = export(args.model_dir, args.out_dir, args.opset)
-    except (FileNotFoundError, ValueError) as error:  # a bad folder: the message names the fix, no traceback
+    except (FileNotFoundError, ValueError, ImportError) as error:  # a bad folder, a missing package: no traceback
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     for name, s in seconds.items():
         logger.info("wrote %s in %.1f s", Path(args.out_dir) / name, s)

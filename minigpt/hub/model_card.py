@@ -17,7 +17,8 @@ Training details are read from whatever the folder holds, first match wins per f
     *.png                   images, shown in the card (a name with "loss" in it is the loss curve).
 
 training_summary.json keys (all optional): datasets (Hub dataset ids), data (a sentence about the data),
-base_model (Hub id of the model it was fine-tuned from),
+base_model (the model it was fine-tuned from: a Hub id, or a record {"name", "hub", "data", "tokens",
+"base_model"} that minigpt/train/finetune.py writes: its name, whether that is a Hub id, and what it was trained on),
 eval_dataset (name for the model-index), tokens (tokens_estimated: true when it is not a count), steps, batch_size,
 hardware, wall_time_s, learning_rate (the peak the run reached), configured_learning_rate and warmup_steps (to say
 why a peak fell short of the configured rate), final_train_loss, final_val_loss, val_perplexity. Common aliases (train_loss, eval_loss, perplexity, total_tokens,
@@ -113,6 +114,8 @@ def read_training_info(folder: Path) -> dict:
         if data:  # an absolute path would publish the trainer's home folder: its file name is enough
             data = [Path(d).name if Path(d).is_absolute() else d for d in (data if isinstance(data, list) else [data])]
             raw.setdefault("data", ", ".join(data))
+        elif loop.get("corpus"):  # no --data: pretraining names the built-in corpus it used
+            raw.setdefault("data", loop["corpus"])
         train = args.get("train") or {}
         peak = pretrain_peak_learning_rate(train, state.get("step"))  # None: an incomplete record, take the configured
         for ours, value in (("learning_rate", train.get("learning_rate") if peak is None else peak),
@@ -164,6 +167,27 @@ def pretrain_peak_learning_rate(train: dict, steps: int | None) -> float | None:
         return None
     kwargs = {ours: train[name] for name, ours in SCHEDULE.items()}
     return max(get_lr(step, **kwargs) for step in range(steps))
+
+
+def base_model_record(base) -> dict | None:
+    """training_summary.json's base_model as a record: an older summary holds a bare Hub id."""
+    if isinstance(base, str) and base:
+        return {"name": base, "hub": True}
+    return base if isinstance(base, dict) and base.get("name") else None
+
+
+def _fine_tuned_from(base: dict | None) -> list[str]:
+    """'Fine-tuned from BASE (pretrained on DATA, N tokens).': without it, a fine-tune's card reads as if its few
+    pairs were all the model ever saw."""
+    if not base:
+        return []
+    name = f"[{base['name']}](https://huggingface.co/{base['name']})" if base.get("hub") else f"`{base['name']}`"
+    how = "fine-tuned" if base.get("base_model") else "pretrained"
+    facts = [f"{how} on {base['data']}" if base.get("data") else None,
+             f"{_fmt(base['tokens'])} tokens" if base.get("tokens") else None]
+    facts = ", ".join(f for f in facts if f)
+    what = f" ({facts})" if facts else ""
+    return [f"Fine-tuned from {name}{what}. The figures below are those of the fine-tuning alone.", ""]
 
 
 def _learning_rate(info: dict) -> str:
@@ -223,6 +247,7 @@ def build_model_card(
     n_params, dtype = count_parameters(folder)
     name = repo_id.split("/")[-1]
     datasets = list(dict.fromkeys([*(datasets or []), *(info.get("datasets") or [])]))  # ordered, no duplicates
+    base = info["base_model"] = base_model_record(info.get("base_model"))
 
     eval_results = None
     # the evaluation data: what the checkpoint says it was evaluated or trained on, else what the caller names
@@ -256,7 +281,7 @@ def build_model_card(
         datasets=datasets or None,  # the Hub rejects `datasets: [null]`, so leave the key out when unknown
         model_name=name,
         eval_results=eval_results,
-        base_model=info.get("base_model"),
+        base_model=base["name"] if base and base.get("hub") else None,  # the Hub links a Hub id only
     )
     template = read_prompt_template(folder)
     body = _body(name, repo_id, config, info, n_params, dtype, _images(folder), revision, template, license)
@@ -349,11 +374,7 @@ def _body(name, repo_id, config, info, n_params, dtype, images, revision, templa
         "",
         f"{name} is a **MiniGPT** model: a decoder-only, GPT-2-style Transformer language model with "
         f"{n_params:,} parameters, trained for next-token prediction"
-        + (
-            f", fine-tuned from [{info['base_model']}](https://huggingface.co/{info['base_model']})"
-            if info.get("base_model")
-            else ""
-        )
+        + (f", fine-tuned from {info['base_model']['name']}" if info.get("base_model") else "")
         + ". MiniGPT is a "
         "[transformers](https://github.com/huggingface/transformers) plugin: the modeling code travels with the "
         "weights in this repository, so the model loads with `trust_remote_code=True` and no extra package.",
@@ -378,6 +399,7 @@ def _body(name, repo_id, config, info, n_params, dtype, images, revision, templa
         "",
         "## Training",
         "",
+        *_fine_tuned_from(info.get("base_model")),
         f"- **Data:** {info.get('data') or ', '.join(info.get('datasets') or []) or not_recorded}",
         f"- **Tokens seen:** {_tokens(info) if 'tokens' in info else not_recorded}",
         f"- **Optimizer steps:** {_fmt(info['steps']) if 'steps' in info else not_recorded}"

@@ -26,22 +26,38 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from minigpt.commands import interrupted, one_line
 from minigpt.train.checkpoints import load_pretrained
 from minigpt.train.data import read_rows
 from minigpt.train.metrics import load_metric
-from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
+from minigpt.train.pairs import (
+    ESCAPES_HELP,
+    PromptTemplate,
+    SupervisedCollator,
+    encode_pair,
+    pair_fields,
+    text_field_error,
+    unescape,
+)
+from minigpt.train.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
-from minigpt.train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids
+from minigpt.train.tokenizer import check_vocab, context_length, has_tokenizer, load_tokenizer, special_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FALLBACK_CONTEXT = 1024  # tokens, for a model and tokenizer that state no context length
 
 
 def load_model(path: str, tokenizer_path: str | None = None, device: str = "cpu", dtype: str = "float32",
-               trust_remote_code: bool = False):
-    """(model in eval mode on `device`, tokenizer) from a checkpoint folder."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no such folder; pass a checkpoint folder holding config.json.")
+               trust_remote_code: bool = False, option: str = "model"):
+    """(model in eval mode on `device`, tokenizer) from a checkpoint folder, a Hub id or a LoRA adapter folder.
+
+    An adapter folder (adapter_config.json, no config.json) loads as transformers loads one when peft is installed:
+    its base model (base_model_name_or_path) with the adapter applied, which is how an adapter is evaluated."""
+    kind = check_model_path(path, option)
+    if kind == "adapter":
+        base = adapter_base(path, option)
+        if tokenizer_path is None and not has_tokenizer(path):
+            tokenizer_path = base  # an adapter saved without its tokenizer: the base model's
     tokenizer = load_tokenizer(tokenizer_path or path, option="--tokenizer")
     model = load_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_vocab(tokenizer, model)
@@ -208,8 +224,10 @@ def pair_metrics(model, tokenizer, pairs: list[tuple[str, str]], template: Promp
 
 def read_data(path: str, mode: str, text_field: str, prompt_field: str, answer_field: str):
     """('text', [str]) or ('pairs', [(prompt, answer)]) from a .txt or .jsonl file."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"--data {path} is a folder; evaluation reads one .txt or .jsonl file.")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"Data file {path} does not exist.")
+        raise FileNotFoundError(f"--data {path}: no such file; pass a .txt or .jsonl file.")
     if Path(path).suffix == ".txt":
         if mode == "pairs":
             raise ValueError(f"{path} is plain text; pairs mode needs a .jsonl with prompt and answer fields.")
@@ -228,20 +246,15 @@ def read_data(path: str, mode: str, text_field: str, prompt_field: str, answer_f
             )
         return "pairs", list(zip(rows[prompt_field], rows[answer_field]))
     if text_field not in rows.column_names:
-        pair = pair_fields(rows.column_names)
-        if pair:
-            raise ValueError(
-                f"{path} has no field {text_field!r} but looks like prompt/answer pairs (fields: {rows.column_names}); "
-                f"evaluate them as pairs with --mode pairs --prompt_field {pair[0]} --answer_field {pair[1]}, or "
-                "pass --text_field for text."
-            )
-        raise ValueError(f"{path} has no field {text_field!r} (fields: {rows.column_names}); pass --text_field.")
+        raise text_field_error(path, text_field, rows.column_names, "--mode pairs")
     return "text", [t for t in rows[text_field] if t]
 
 
-def evaluate_folder(path: str, args: argparse.Namespace) -> dict:
-    model, tokenizer = load_model(path, args.tokenizer, args.device, args.dtype, args.trust_remote_code)
-    kind, data = read_data(args.data, args.mode, args.text_field, args.prompt_field, args.answer_field)
+def evaluate_folder(path: str, args: argparse.Namespace, option: str = "model", data=None) -> dict:
+    """The results of one model; `data` is what read_data returned, read here when None."""
+    data = data or read_data(args.data, args.mode, args.text_field, args.prompt_field, args.answer_field)
+    model, tokenizer = load_model(path, args.tokenizer, args.device, args.dtype, args.trust_remote_code, option)
+    kind, data = data
     result = {"model": path, "parameters": sum(p.numel() for p in model.parameters())}
     if kind == "text":
         result.update(text_metrics(model, tokenizer, data, args.max_length, args.stride, args.batch_size))
@@ -308,8 +321,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text_field", default="text")
     p.add_argument("--prompt_field", default="prompt")
     p.add_argument("--answer_field", default="answer")
-    p.add_argument("--prompt_template", help="default: the model folder's prompt_template.json, else '{prompt}'")
-    p.add_argument("--separator", help="default: from prompt_template.json, else a newline")
+    p.add_argument("--prompt_template", type=unescape,
+                   help="default: the model folder's prompt_template.json, else '{prompt}'. " + ESCAPES_HELP)
+    p.add_argument("--separator", type=unescape,
+                   help="default: from prompt_template.json, else a newline. " + ESCAPES_HELP)
     p.add_argument("--max_length", type=int, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, help="tokens between window starts, < max_length (default: max_length / 2)")
     p.add_argument("--batch_size", type=int, default=4, help="windows (text) or pairs per forward pass")
@@ -332,13 +347,20 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     threads = set_threads(args.threads, on_cpu=torch.device(args.device).type == "cpu")
     print(f"torch threads: {threads} (--threads)", file=sys.stderr)
-    results = [evaluate_folder(args.model, args)]
+    check_model_path(args.model, "model")  # a wrong folder or name fails before anything loads
     if args.compare:
-        results.append(evaluate_folder(args.compare, args))
+        check_model_path(args.compare, "--compare")
+    if args.prompt_template is not None:
+        PromptTemplate(args.prompt_template)  # refused now (no {prompt}), not after the models load
+    # bad data fails before any model loads
+    data = read_data(args.data, args.mode, args.text_field, args.prompt_field, args.answer_field)
+    results = [evaluate_folder(args.model, args, data=data)]
+    if args.compare:
+        results.append(evaluate_folder(args.compare, args, "--compare", data))
     print(f"data: {args.data}")
     print(format_table(results))
     if "predictions" in results[0]:
-        _, pairs = read_data(args.data, args.mode, args.text_field, args.prompt_field, args.answer_field)
+        _, pairs = data
         names = [Path(r["model"]).name or r["model"] for r in results]
         print("samples: " + " | ".join(names) if len(results) > 1 else "samples:")
         for (prompt, answer), *preds in list(zip(pairs, *[r["predictions"] for r in results]))[:5]:
@@ -354,7 +376,9 @@ def cli() -> None:
     try:
         main()
     except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
-        raise SystemExit(f"evaluation: error: {error}") from None
+        raise SystemExit(f"evaluation: error: {one_line(error)}") from None
+    except KeyboardInterrupt:  # Ctrl-C: nothing is written before the end, so there is nothing to resume
+        raise SystemExit(interrupted("evaluation")) from None
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -55,17 +57,26 @@ from transformers import (
 )
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from minigpt.commands import command, interrupted, one_line
 from minigpt.train.checkpoints import load_pretrained
 from minigpt.train.data import read_rows
 from minigpt.train.metrics import load_metric
 from minigpt.train.monitoring import describe_hardware
-from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair, pair_fields
+from minigpt.train.pairs import (
+    ESCAPES_HELP,
+    PromptTemplate,
+    SupervisedCollator,
+    encode_pair,
+    text_field_error,
+    unescape,
+)
+from minigpt.train.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
 from minigpt.train.tokenizer import (
     add_bos_by_default,
-    check_local_path,
     check_vocab,
     context_length,
+    has_tokenizer,
     load_tokenizer,
     special_token_ids,
 )
@@ -80,7 +91,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Checkpoint folder to start from (model + tokenizer): minigpt-pretrain's output, a folder "
-                  "converted from GPT-2 by minigpt-convert-gpt2, or any causal LM folder."},
+                  "converted from GPT-2 by minigpt-convert-gpt2, any causal LM folder or Hub id, or a LoRA adapter "
+                  "folder (<output_dir>/adapter of a --lora run), whose training then continues."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer folder, if it is not the model folder."}
@@ -123,11 +135,13 @@ class DataArguments:
     prompt_field: str = field(default="prompt", metadata={"help": "supervised: the field holding the prompt."})
     answer_field: str = field(default="answer", metadata={"help": "supervised: the field holding the answer."})
     prompt_template: str = field(
-        default="{prompt}", metadata={"help": "supervised: how a prompt is written, must contain {prompt}."}
+        default="{prompt}",
+        metadata={"help": "supervised: how a prompt is written, must contain {prompt}. " + ESCAPES_HELP},
     )
     separator: str = field(
         default="\n", metadata={"help": "supervised: text between prompt and answer. It ends the prompt (prompt and "
-                                "answer are tokenized apart), so prefer a newline or ':' to a trailing space."}
+                                "answer are tokenized apart), so prefer a newline or ':' to a trailing space. "
+                                + ESCAPES_HELP}
     )
     add_bos: bool = field(
         default=True, metadata={"help": "supervised: start each row with the BOS token; the saved tokenizer then adds "
@@ -210,15 +224,26 @@ def enable_cache_in(config_file: Path):
         config_file.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
 
-def load_rows(path: str, mode: str) -> datasets.Dataset:
-    """Read a data file into a Dataset: .txt -> one row per paragraph in `text`, .jsonl/.json -> one per record."""
+def check_data_file(path: str, mode: str, option: str = "--train_file") -> None:
+    """Refuse, before anything is loaded, a data file that does not exist, is a folder or has a suffix this mode
+    cannot read."""
+    wanted = ".txt, .jsonl or .json" if mode == "causal" else ".jsonl or .json with prompt and answer fields"
+    if Path(path).is_dir():
+        raise IsADirectoryError(
+            f"{option} {path} is a folder; fine-tuning takes one {wanted} file (minigpt-pretrain is the one that "
+            "reads folders)."
+        )
     if not Path(path).is_file():
-        raise FileNotFoundError(f"Data file {path} does not exist; pass an existing --train_file/--validation_file.")
+        raise FileNotFoundError(f"{option} {path}: no such file; pass an existing {wanted} file.")
     suffix = Path(path).suffix
-    if (suffix == ".txt" and mode == "causal") or suffix in (".jsonl", ".json"):
-        return read_rows(path, text_unit="paragraph")
-    wanted = ".txt or .jsonl" if mode == "causal" else ".jsonl with prompt and answer fields"
-    raise ValueError(f"{path}: cannot read a {suffix or 'suffix-less'} file in {mode} mode; pass a {wanted} file.")
+    if not ((suffix == ".txt" and mode == "causal") or suffix in (".jsonl", ".json")):
+        raise ValueError(f"{path}: cannot read a {suffix or 'suffix-less'} file in {mode} mode; pass a {wanted} file.")
+
+
+def load_rows(path: str, mode: str, option: str = "--train_file") -> datasets.Dataset:
+    """Read a data file into a Dataset: .txt -> one row per paragraph in `text`, .jsonl/.json -> one per record."""
+    check_data_file(path, mode, option)
+    return read_rows(path, text_unit="paragraph")
 
 
 def tokenize_supervised(rows: datasets.Dataset, tokenizer, template: PromptTemplate, args: DataArguments,
@@ -253,16 +278,7 @@ def tokenize_supervised(rows: datasets.Dataset, tokenizer, template: PromptTempl
 
 def tokenize_causal(rows: datasets.Dataset, tokenizer, args: DataArguments, max_length: int, name: str):
     if args.text_field not in rows.column_names:
-        pair = pair_fields(rows.column_names, args)
-        if pair:
-            raise ValueError(
-                f"{name} has no field {args.text_field!r} but looks like prompt/answer pairs (fields: "
-                f"{rows.column_names}). Train on pairs with --mode supervised --prompt_field {pair[0]} "
-                f"--answer_field {pair[1]}; or, for plain text, pass --text_field."
-            )
-        raise ValueError(
-            f"{name} has no field {args.text_field!r}; its fields are {rows.column_names}. Pass --text_field."
-        )
+        raise text_field_error(name, args.text_field, rows.column_names, "--mode supervised", args)
     eos = tokenizer.eos_token_id
 
     def encode(batch):
@@ -279,16 +295,26 @@ def tokenize_causal(rows: datasets.Dataset, tokenizer, args: DataArguments, max_
     return encoded
 
 
-def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
-    """(train, eval or None), tokenized: rows of input_ids (and labels in supervised mode)."""
+def check_data_args(args: DataArguments) -> None:
+    """Every data argument that can be checked without the model or the tokenizer, checked before either loads.
+    The template options take the escapes \\n, \\t and \\\\ (see ESCAPES_HELP): they are turned into the characters here."""
     if args.mode not in ("causal", "supervised"):
         raise ValueError(f"--mode {args.mode!r} is unknown; use causal (plain text) or supervised (pairs).")
     if args.truncation not in ("left", "error"):
         raise ValueError(f"--truncation {args.truncation!r} is unknown; use left or error.")
     if args.train_file is None:
         raise ValueError("No --train_file; pass the text (causal) or the .jsonl pairs (supervised) to train on.")
+    check_data_file(args.train_file, args.mode, "--train_file")
+    if args.validation_file:
+        check_data_file(args.validation_file, args.mode, "--validation_file")
+    args.prompt_template, args.separator = unescape(args.prompt_template), unescape(args.separator)
+    template_of(args)  # a template without {prompt} is refused now
+
+
+def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
+    """(train, eval or None), tokenized: rows of input_ids (and labels in supervised mode)."""
     train_rows = load_rows(args.train_file, args.mode)
-    eval_rows = load_rows(args.validation_file, args.mode) if args.validation_file else None
+    eval_rows = load_rows(args.validation_file, args.mode, "--validation_file") if args.validation_file else None
     if eval_rows is None and args.validation_split_percentage > 0:
         split = train_rows.train_test_split(test_size=args.validation_split_percentage / 100, seed=seed)
         train_rows, eval_rows = split["train"], split["test"]
@@ -356,6 +382,23 @@ def apply_lora(model, target_modules: str | list[str] = DEFAULT_LORA_TARGETS, r:
         return get_peft_model(model, config)
 
 
+def load_adapter(model, adapter: str):
+    """`model` (the adapter's base) with the LoRA adapter of folder `adapter` loaded to train further.
+
+    A fine-tune started from an adapter folder continues to train that adapter, as peft users expect of
+    PeftModel.from_pretrained(base, adapter, is_trainable=True). Not AutoModelForCausalLM.from_pretrained(adapter):
+    transformers (with peft installed) does load an adapter folder that way, base and all, but for inference, with
+    every weight frozen, so Trainer would train nothing ("element 0 of tensors does not require grad")."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # the same peft FutureWarning as in apply_lora
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    logger.info("continuing to train the LoRA adapter %s (its r, alpha and targets; the --lora_* options are unused)",
+                adapter)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments and main
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,7 +443,15 @@ def main(argv: list[str] | None = None) -> Trainer:
         logger.setLevel(logging.WARNING)
     if model_args.model_name_or_path is None:
         raise ValueError("No --model_name_or_path; pass a checkpoint folder (model + tokenizer) to start from.")
-    check_local_path(model_args.model_name_or_path, "folder", "--model_name_or_path")
+    check_data_args(data_args)  # bad arguments fail before anything loads
+    kind = check_model_path(model_args.model_name_or_path, "--model_name_or_path")
+    base_model = adapter_base(model_args.model_name_or_path) if kind == "adapter" else model_args.model_name_or_path
+    if kind == "adapter" and model_args.lora:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path} is a LoRA adapter and --lora adds a new one on "
+            f"top of it. Drop --lora to continue training this adapter, or pass its base model ({base_model}) or "
+            "the merged model with --lora to train a fresh one."
+        )
     set_seed(training_args.seed)
     threads = set_threads(extra_args.threads, on_cpu=training_args.device.type == "cpu")
     logger.info("torch threads: %d (--threads)", threads)
@@ -412,11 +463,14 @@ def main(argv: list[str] | None = None) -> Trainer:
     if push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/minigpt-en-fr).")
 
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-                               option="--tokenizer_name_or_path")
-    model = load_pretrained(
-        AutoModelForCausalLM, model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-    )
+    tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if kind == "adapter" and not model_args.tokenizer_name_or_path and not has_tokenizer(tokenizer_path):
+        tokenizer_path = base_model  # an adapter saved without its tokenizer: the base model's
+    tokenizer = load_tokenizer(tokenizer_path, option="--tokenizer_name_or_path")
+    model = load_pretrained(AutoModelForCausalLM, base_model, trust_remote_code=model_args.trust_remote_code)
+    if kind == "adapter":
+        model = load_adapter(model, model_args.model_name_or_path)
+        model_args.lora = True  # saved as a --lora run: the adapter in output_dir/adapter, the merged model beside it
     check_vocab(tokenizer, model)
     context = context_length(model, tokenizer)
     max_length = data_args.max_length or context
@@ -445,7 +499,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     # both mask padding by position, so EOS stays a target even where the tokenizer pads with it
     collator = CausalCollator(tokenizer) if data_args.mode == "causal" else SupervisedCollator(tokenizer.pad_token_id)
 
-    if model_args.lora:
+    if model_args.lora and kind != "adapter":
         model = apply_lora(model, model_args.lora_target_modules, model_args.lora_r, model_args.lora_alpha,
                            model_args.lora_dropout)
         if training_args.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need an input with grad
@@ -475,7 +529,10 @@ def main(argv: list[str] | None = None) -> Trainer:
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True  # the newest checkpoint-N in output_dir
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_message(trainer, argv)) from None
     trainer.log_metrics("train", result.metrics)
 
     if eval_set is not None:
@@ -486,7 +543,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    save_final(trainer, tokenizer, model_args, data_args, training_args.output_dir)
+    save_final(trainer, tokenizer, model_args, data_args, training_args.output_dir, base_model)
     if push_to_hub and trainer.is_world_process_zero():
         from minigpt.hub.push import push_folder  # only now: pushing is optional and needs huggingface_hub set up
 
@@ -497,6 +554,29 @@ def main(argv: list[str] | None = None) -> Trainer:
             commit_message=f"Fine-tune ({data_args.mode}) on {Path(data_args.train_file).name}",
         )
     return trainer
+
+
+def interrupted_message(trainer: Trainer, argv: list[str]) -> str:
+    """What Ctrl-C ends a run with: the step reached, the newest complete checkpoint-N and the command that continues
+    from it (this run's arguments, --resume_from_checkpoint replaced)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    out = Path(trainer.args.output_dir)
+    # trainer_state.json is the last file Trainer writes into checkpoint-N: a folder without it is a save cut short
+    saved = [(int(p.name.rsplit("-", 1)[1]), p) for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.name.rsplit("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    step = f"at step {trainer.state.global_step}"
+    if not saved:
+        return f"{step}; no checkpoint was saved yet (--save_steps sets how often one is), so a rerun starts over."
+    last = max(saved)[1]
+    args, skip = [], False
+    for arg in argv:  # drop an earlier --resume_from_checkpoint (and its value)
+        if skip or arg.startswith("--resume_from_checkpoint"):
+            skip = arg == "--resume_from_checkpoint" and not skip
+            continue
+        args.append(arg)
+    again = f"{command('minigpt.train.finetune')} {shlex.join([*args, '--resume_from_checkpoint', str(last)])}"
+    return f"{step}; the last checkpoint is {last}; continue with: {again}"
 
 
 def adjust_defaults(args: TrainingArguments, given: set[str], batches_per_epoch: int) -> list[str]:
@@ -571,9 +651,31 @@ def peak_learning_rate(trainer: Trainer) -> float | None:
     return max(logged) if logged else None
 
 
-def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
+def base_model_record(base: str) -> dict:
+    """What the model card says of the model a fine-tune started from: a Hub id as given ({"name", "hub": true},
+    the card's `base_model:` metadata); a local folder by its name, never its absolute path (the card is published),
+    with its own training facts (data, tokens) read from its records by the model card's reader (train_state.json
+    of a pretrain run or checkpoint, training_summary.json of a fine-tune)."""
+    from minigpt.hub.model_card import read_training_info  # the card's own reader of a run's records
+
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        return {"name": base, "hub": True}
+    folder = folder.resolve()
+    name = folder.name
+    if re.fullmatch(r"(step|checkpoint)-\d+", name):  # a checkpoint: say of which run
+        run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        name = str(Path(run.name, folder.relative_to(run)))
+    record = {"name": name, "hub": False}
+    facts = read_training_info(folder)
+    record.update({key: facts[key] for key in ("data", "tokens", "base_model") if facts.get(key)})
+    return record
+
+
+def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str, base_model: str | None = None):
     """training_summary.json: the facts no Trainer file records, for the model card (minigpt/hub/model_card.py):
-    the data, the hardware, the peak learning rate reached (beside the configured one) and the tokens read."""
+    the data, the base model it started from, the hardware, the peak learning rate reached (beside the configured
+    one) and the tokens read."""
     args, state = trainer.args, trainer.state
     summary = {
         "data": f"{Path(data_args.train_file).name} ({data_args.mode} fine-tuning)",
@@ -590,12 +692,15 @@ def write_summary(trainer: Trainer, data_args: DataArguments, output_dir: str):
     elif trainer.train_dataset is not None and state.epoch:  # the epochs run times the tokens of one epoch
         tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         summary["tokens"], summary["tokens_estimated"] = round(tokens_per_epoch * state.epoch), True
+    if base_model is not None:
+        summary["base_model"] = base_model_record(base_model)
     path = Path(output_dir) / "training_summary.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**old, **summary}, indent=2) + "\n")
 
 
-def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_args: DataArguments, output_dir: str):
+def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_args: DataArguments, output_dir: str,
+               base_model: str | None = None):
     """Write the complete checkpoint: weights, config + modeling files (auto_map), tokenizer, generation config,
     and the prompt template in supervised mode. A LoRA run keeps its adapter in output_dir/adapter."""
     model = trainer.model
@@ -613,7 +718,7 @@ def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_arg
         if data_args.mode == "supervised":
             template_of(data_args).save(output_dir)
         trainer.save_state()
-        write_summary(trainer, data_args, output_dir)
+        write_summary(trainer, data_args, output_dir, base_model)
         logger.info("Saved the fine-tuned checkpoint to %s", output_dir)
 
 
@@ -623,7 +728,10 @@ def cli() -> None:
     try:
         main()
     except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
-        raise SystemExit(f"finetune: error: {error}") from None
+        raise SystemExit(f"finetune: error: {one_line(error)}") from None
+    except KeyboardInterrupt as error:  # Ctrl-C: where the run got to and how to continue it, no traceback
+        detail = f" {error}" if str(error) else " before training started; nothing was saved"
+        raise SystemExit(interrupted("finetune", detail)) from None
 
 
 if __name__ == "__main__":

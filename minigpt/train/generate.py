@@ -13,15 +13,16 @@ An empty prompt starts a fresh document: generation begins after an EOS, as ever
 import argparse
 import secrets
 import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, TextStreamer, set_seed
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
+from minigpt.commands import interrupted, one_line
 from minigpt.train.checkpoints import load_pretrained
+from minigpt.train.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
-from minigpt.train.tokenizer import context_length, load_tokenizer, special_token_ids
+from minigpt.train.tokenizer import context_length, has_tokenizer, load_tokenizer, special_token_ids
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 
@@ -29,7 +30,8 @@ STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Strategies: " + ", ".join(STRATEGIES),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="A folder written by save_pretrained (e.g. pretrain's output_dir).")
+    p.add_argument("--model", required=True, help="A folder written by save_pretrained (e.g. pretrain's output_dir), "
+                   "a Hub id, or a LoRA adapter folder (loaded on its base model, as transformers does with peft).")
     p.add_argument("--prompt", default="", help="Text to continue. Empty: start a new document.")
     p.add_argument("--tokenizer", default=None, help="Tokenizer folder, if it is not the model folder.")
     p.add_argument("--strategy", default="top_p", choices=STRATEGIES, help="Decoding strategy.")
@@ -46,13 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped in a non-MiniGPT folder.")
     args = p.parse_args(argv)
     problems = []
-    if not Path(args.model).is_dir():
-        problems.append(f"--model {args.model}: no such folder; give the output_dir of a training run.")
-    elif not (Path(args.model) / "config.json").is_file():
-        problems.append(
-            f"--model {args.model!r} is not a model folder (no config.json); give the output_dir of a "
-            "finished training run or a checkpoints/step-N folder."
-        )
+    try:  # the checks every script runs on a model name: no such folder, not a model folder, a missing Hub id
+        args.kind = check_model_path(args.model, "--model")
+        args.base = adapter_base(args.model, "--model") if args.kind == "adapter" else None
+    except (ValueError, OSError) as error:
+        problems.append(str(error))
     if args.max_new_tokens < 1:
         problems.append(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}.")
     if not args.temperature > 0:
@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> str:
     sampling = args.strategy in ("top_k", "top_p")
     print(f"generate: {threads} CPU threads" + (f", seed {args.seed} (--seed {args.seed} repeats this text)"
                                                  if sampling else ""), file=sys.stderr)
+    tokenizer_path = args.tokenizer or args.model
+    if args.kind == "adapter" and args.tokenizer is None and not has_tokenizer(args.model):
+        tokenizer_path = args.base  # an adapter saved without its tokenizer: the base model's
     try:
-        tokenizer = load_tokenizer(args.tokenizer or args.model, option="--tokenizer",
+        tokenizer = load_tokenizer(tokenizer_path, option="--tokenizer",
                                    trust_remote_code=args.trust_remote_code)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"generate: error: {e}") from None
@@ -143,7 +146,12 @@ def main(argv: list[str] | None = None) -> str:
 
 def cli() -> None:
     """The `minigpt-generate` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
+        raise SystemExit(f"generate: error: {one_line(error)}") from None
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: one line, the exit status of SIGINT
+        raise SystemExit(interrupted("generate")) from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ scored. The template travels in the checkpoint folder as `prompt_template.json`.
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,20 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 TEMPLATE_FILE = "prompt_template.json"
+
+# A shell passes "\nA:" on as backslash, n, A, colon (bash interprets escapes only in $'...'), and so does a plain
+# or single-quoted YAML scalar: the template options take \n, \t and \\ as the characters, so that the README's
+# --separator "\nA:" means a newline, as a Python user would read it.
+ESCAPES_HELP = r"Write a newline as \n, a tab as \t and a backslash as \\."
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str | None) -> str | None:
+    """The template option `text` with its escapes \\n, \\t and \\\\ turned into newline, tab and backslash; any other
+    backslash is kept as it is."""
+    if text is None:
+        return None
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 @dataclass
@@ -100,7 +115,22 @@ def pair_fields(columns: list[str], args=None) -> tuple[str, str] | None:
     for prompt, answer in names + [(p, a) for p in PROMPT_NAMES for a in ANSWER_NAMES]:
         if prompt in columns and answer in columns:
             return prompt, answer
+    if len(columns) == 2:  # q/a, en/fr, src/tgt: two fields are a pair, the first one the prompt
+        return columns[0], columns[1]
     return None
+
+
+def text_field_error(name: str, text_field: str, columns: list[str], pairs_mode: str, args=None) -> ValueError:
+    """The error of a .jsonl without the text field; where its fields look like pairs, it says how to read them as
+    pairs (`pairs_mode`: the option that does, --mode supervised in finetune, --mode pairs in evaluation)."""
+    pair = pair_fields(columns, args)
+    if pair:
+        return ValueError(
+            f"{name} has no field {text_field!r} but looks like prompt/answer pairs (fields: {columns}). Read it as "
+            f"pairs with {pairs_mode} --prompt_field {pair[0]} --answer_field {pair[1]}; or, for plain text, pass "
+            "--text_field."
+        )
+    return ValueError(f"{name} has no field {text_field!r}; its fields are {columns}. Pass --text_field.")
 
 
 @dataclass

@@ -14,6 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
+from minigpt.train.sources import check_local_path
+
 logger = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -42,21 +44,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
                    "vocab.txt")
-
-
-def check_local_path(path: str, what: str = "folder", option: str = "--model_name_or_path") -> None:
-    """A path that looks local and does not exist is a typo, not a Hub id: say so at once instead of letting
-    from_pretrained retry the Hub for a minute. Local-looking: it starts with '.', '/' or '~', holds a backslash or
-    more than one '/', or is 'dir/name' with an existing dir (a Hub id is 'owner/name')."""
-    if path is None or Path(path).expanduser().exists():
-        return
-    # "owner/name" is a Hub id unless "owner" is a local folder (runs/pretrian: a typo under runs/)
-    looks_local = (
-        path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
-        or ("/" in path and Path(path).parent.is_dir())
-    )
-    if looks_local:
-        raise FileNotFoundError(f"{option} {path}: no such {what}; check the path (a Hub id looks like owner/name).")
 
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
