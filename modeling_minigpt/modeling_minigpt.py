@@ -41,6 +41,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .chunked_loss import fused_linear_cross_entropy
 from .configuration_minigpt import MiniGPTConfig
+from .input_checks import check_inputs
 
 logger = logging.get_logger(__name__)
 
@@ -320,16 +321,12 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save_pretrained, also for a model sharded by torch's FSDP2 (pass the gathered weights as
-        `state_dict`, as Trainer and accelerate do: transformers cannot read sharded ones).
-
-        fully_shard swaps the model's class for one torch generates (FSDPMiniGPTForCausalLM); transformers would
-        record that class in config.auto_map and copy torch's files as the model code, and the folder would not
-        load. The save runs as the MiniGPT class underneath, and the FSDP class is put back afterwards."""
-        sharded_class, own_class = type(self), _unsharded_class(self)
-        if own_class is sharded_class:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        self.__class__ = own_class
+        """transformers' save_pretrained, also of a model sharded by torch's FSDP2 (given the gathered `state_dict`, as
+        Trainer and accelerate pass it). fully_shard swaps in a class torch generates (FSDPMiniGPTForCausalLM), which
+        transformers would record in auto_map, copying torch's files as the model code: the save runs as the MiniGPT
+        class underneath instead, and the FSDP class is put back afterwards."""
+        sharded_class = type(self)
+        self.__class__ = _unsharded_class(self)
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
@@ -337,13 +334,12 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
 
 
 def _unsharded_class(model: nn.Module) -> type:
-    """The model's own class: under FSDP2 the first base of the generated FSDP<Name> class that is not FSDP's."""
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FSDPModule  # here: some torch builds ship without torch.distributed
+    """The model's own class: the first of its MRO that is not FSDP2's (under FSDP2, the base of FSDP<Name>)."""
+    if not torch.distributed.is_available():  # some torch builds ship without it
+        return type(model)
+    from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(model, FSDPModule):
-            return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    return type(model)
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 class MiniGPTModel(MiniGPTPreTrainedModel):
@@ -406,7 +402,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if position_ids is None:
             position_ids = self._default_position_ids(attention_mask, B, T, past_length)
         if not torch.compiler.is_compiling():  # checks sync with the device; a compiled graph skips them
-            self._check_inputs(input_ids, attention_mask, position_ids, B, T, past_length)
+            check_inputs(self.config, input_ids, attention_mask, position_ids, B, T, past_length)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
@@ -436,40 +432,6 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
             return positions[:, -T:]
         device = attention_mask.device if attention_mask is not None else None
         return (torch.arange(T, device=device) + past_length).unsqueeze(0).expand(B, T)
-
-    def _check_inputs(self, input_ids, attention_mask, position_ids, B, T, past_length):
-        """Turn the inputs that would crash deep inside a kernel (or silently give garbage) into clear errors.
-
-        Shapes are checked on every call. Values need `.item()`, which waits for the device, so they are checked
-        where the data enters, the prefill (an empty cache), and not on decode steps, whose ids come from the
-        model itself; positions only once the cache could have run past the learned table."""
-        if B == 0 or T == 0:
-            raise ValueError(f"The input is empty (batch {B}, length {T}); pass at least one token per row.")
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape != (B, past_length + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids needs "
-                f"({B}, {past_length + T}) (batch, cached + new tokens); build both from the same tokenizer call."
-            )
-        prefill = past_length == 0
-        if input_ids is not None and prefill:
-            low, high = input_ids.min().item(), input_ids.max().item()
-            if low < 0 or high >= self.config.vocab_size:
-                bad = high if high >= self.config.vocab_size else low
-                raise IndexError(
-                    f"Token id {bad} is outside the vocabulary [0, {self.config.vocab_size}). Check that the "
-                    "tokenizer matches the model (len(tokenizer) <= config.vocab_size), or resize the embeddings "
-                    "with model.resize_token_embeddings(len(tokenizer))."
-                )
-        # positions derived from the mask never exceed past_length + T - 1, so a decode step within the table
-        # needs no look at their values
-        if self.config.position_embedding_type == "learned" and (prefill or past_length + T > self.config.n_positions):
-            last = position_ids.max().item()
-            if last >= self.config.n_positions:
-                raise ValueError(
-                    f"The sequence reaches position {last}, but learned position embeddings stop at "
-                    f"n_positions={self.config.n_positions}. Truncate the input (e.g. tokenizer(..., truncation=True, "
-                    f"max_length={self.config.n_positions})) or generate fewer new tokens."
-                )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -200,6 +200,7 @@ def test_pushed_repo_holds_a_complete_checkpoint(hub, pushed, checkpoint):
         "model.safetensors",
         "modeling_minigpt.py",
         "chunked_loss.py",
+        "input_checks.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "training_summary.json",
@@ -425,7 +426,7 @@ def test_missing_auto_map_and_code_are_restored(checkpoint, tmp_path, capsys):
     config = json.loads((stripped / "config.json").read_text())
     del config["auto_map"]
     (stripped / "config.json").write_text(json.dumps(config))
-    for name in ("modeling_minigpt.py", "chunked_loss.py", "configuration_minigpt.py", "README.md"):
+    for name in ("modeling_minigpt.py", "chunked_loss.py", "input_checks.py", "configuration_minigpt.py", "README.md"):
         (stripped / name).unlink(missing_ok=True)
     before = _snapshot(stripped)
     push_folder(stripped, "alice/stripped", dry_run=True)

@@ -84,7 +84,7 @@ def check_checkpoint(folder: Path) -> dict:
 
 def has_remote_code(folder: Path, config: dict) -> bool:
     """Does config.json map every MiniGPT Auto class to code files that are present in the folder, together with
-    the files those import relatively (chunked_loss.py)?"""
+    the files those import relatively (chunked_loss.py, input_checks.py)?"""
     auto_map = config.get("auto_map") or {}
     if not all(key in auto_map for key in AUTO_MAP):
         return False
