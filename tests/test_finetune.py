@@ -699,6 +699,22 @@ def test_a_bare_name_that_is_no_folder_fails_at_once_offline_or_with_the_hub_unr
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mistyped_owner_slash_name_path_fails_at_once_offline_or_with_the_hub_unreachable(tmp_path, monkeypatch):
+    """rusn/tiny (for runs/tiny), or runs/tiny typed in another folder: shaped like a Hub id, so it is asked of the
+    Hub once, and the error names the folder it was looked for in, instead of a minute of Hub retries."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=rf"--model_name_or_path: no such folder rusn/tiny in {tmp_path}, and "
+                                                r"as a Hub id: HF_HUB_OFFLINE is set"):
+        run("--model_name_or_path", "rusn/tiny", "--train_file", EN_FR, "--output_dir", tmp_path / "out", max_steps=1)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    with pytest.raises(FileNotFoundError, match=r"no such folder rusn/tiny .*huggingface.co could not be reached"):
+        run("--model_name_or_path", "rusn/tiny", "--train_file", EN_FR, "--output_dir", tmp_path / "out", max_steps=1)
+    assert time.perf_counter() - start < 30
+
+
 def test_a_literal_backslash_n_in_the_template_options_is_a_newline(base, tmp_path):
     """bash passes --separator "\\nA:" as backslash, n: both template options read \\n, \\t and \\\\ as the characters,
     on the command line and in a config file, so the model trains on, and its card shows, a real newline."""
@@ -817,3 +833,13 @@ def test_an_adapter_folder_continues_training_the_adapter(tmp_path):
     with pytest.raises(ValueError, match=r"is a LoRA adapter and --lora adds a new one .*Drop --lora"):
         run("--model_name_or_path", first / "adapter", "--lora", "true", "--mode", "supervised", "--train_file",
             EN_FR, "--output_dir", tmp_path / "third", max_steps=1)
+
+
+def test_push_to_hub_without_the_hub_is_refused_before_training(tmp_path, monkeypatch):
+    """push_folder refuses offline mode and a missing token, but only after the run; finetune checks it first."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    base = make_checkpoint(tmp_path / "base")
+    with pytest.raises(PermissionError, match=r"--push_to_hub: HF_HUB_OFFLINE is set.*minigpt-push OUTPUT_DIR"):
+        run("--model_name_or_path", base, "--train_file", EN_FR, "--output_dir", tmp_path / "out",
+            "--push_to_hub", "true", "--hub_model_id", "alice/x", max_steps=1)  # fmt: skip
+    assert not (tmp_path / "out" / "model.safetensors").exists()

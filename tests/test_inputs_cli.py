@@ -111,13 +111,13 @@ def test_push_to_hub_without_the_hub_or_a_token_is_refused_before_training(tmp_p
 
     argv = ["--push_to_hub", "--hub_model_id", "alice/tiny"]
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets when huggingface_hub loads
-    assert "--push_to_hub needs the Hub, and HF_HUB_OFFLINE is set" in usage_error(argv, capsys)
+    assert "--push_to_hub: HF_HUB_OFFLINE is set, so huggingface_hub may not reach the Hub" in usage_error(argv, capsys)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no `hf auth login`
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
         monkeypatch.delenv(name, raising=False)
     message = usage_error(argv, capsys)
-    assert "--push_to_hub needs a Hugging Face token with write access: run `hf auth login`" in message
+    assert "--push_to_hub: No Hugging Face token found: run `hf auth login`" in message
     assert "minigpt-push OUTPUT_DIR REPO_ID" in message
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
     assert parse_args(argv)[2].push_to_hub

@@ -114,6 +114,17 @@ def stage_files(folder: Path, stage: Path) -> tuple[list[str], list[str]]:
     return pushed, skipped
 
 
+def hub_access_problem(token: str | None = None) -> str | None:
+    """Why a push cannot reach the Hub now, or None: offline mode, or no token. push_folder checks it, and the
+    training scripts check it before they train (`--push_to_hub`), not after."""
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return ("HF_HUB_OFFLINE is set, so huggingface_hub may not reach the Hub; unset it (and TRANSFORMERS_OFFLINE) "
+                "to push")  # fmt: skip
+    if not (token or get_token()):
+        return "No Hugging Face token found: run `hf auth login` (with a token that can write) or set HF_TOKEN"
+    return None
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -137,16 +148,10 @@ def push_folder(
 
     api = None
     if not dry_run:
-        if getattr(constants, "HF_HUB_OFFLINE", False):
-            raise PermissionError(
-                "HF_HUB_OFFLINE is set, so huggingface_hub may not reach the Hub; unset it (and TRANSFORMERS_OFFLINE) "
-                "to push, or use --dry-run to see what would be pushed."
-            )
+        problem = hub_access_problem(token)
+        if problem:
+            raise PermissionError(f"{problem}; or use --dry-run to see what would be pushed.")
         token = token or get_token()
-        if not token:
-            raise PermissionError(
-                "No Hugging Face token found: run `hf auth login` (with a token that can write) or set HF_TOKEN."
-            )
         api = HfApi(token=token)
         if "/" not in repo_id:  # the Hub puts a bare name under the token's user; the card needs the full id
             with _explain_auth_errors(repo_id, folder):

@@ -370,15 +370,12 @@ def _check_model_and_outputs(model: ModelArguments, data: DataArguments, train: 
             validate_repo_id(train.hub_model_id)
         except ValueError as e:  # HFValidationError; caught now, not after the whole run
             problems.append(f"--hub_model_id {train.hub_model_id!r} is not a Hub repo id ({e}). Use user/name.")
-        # what push_folder would refuse after the whole run, refused before it
-        from huggingface_hub import constants, get_token
+        from minigpt.hub.push import hub_access_problem  # what push_folder would refuse after the run, now
 
-        later = "or drop --push_to_hub and publish the finished folder with minigpt-push OUTPUT_DIR REPO_ID."
-        if constants.HF_HUB_OFFLINE:
-            problems.append(f"--push_to_hub needs the Hub, and HF_HUB_OFFLINE is set: unset it, {later}")
-        elif not get_token():
-            problems.append(f"--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or "
-                            f"set HF_TOKEN, {later}")  # fmt: skip
+        problem = hub_access_problem()
+        if problem:
+            problems.append(f"--push_to_hub: {problem}; or drop --push_to_hub and publish the finished folder with "
+                            "minigpt-push OUTPUT_DIR REPO_ID.")  # fmt: skip
     return problems
 
 

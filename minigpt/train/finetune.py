@@ -462,6 +462,12 @@ def main(argv: list[str] | None = None) -> Trainer:
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     if push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/minigpt-en-fr).")
+    if push_to_hub:  # what push_folder would refuse after the whole run, refused before it
+        from minigpt.hub.push import hub_access_problem
+
+        if problem := hub_access_problem():
+            raise PermissionError(f"--push_to_hub: {problem}; or drop --push_to_hub and publish the finished folder "
+                                  "with minigpt-push OUTPUT_DIR REPO_ID.")  # fmt: skip
 
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if kind == "adapter" and not model_args.tokenizer_name_or_path and not has_tokenizer(tokenizer_path):

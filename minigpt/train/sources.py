@@ -17,7 +17,7 @@ def check_local_path(path: str, what: str = "folder", option: str = "--model_nam
     """A name that is no local folder fails at once with what is wrong, instead of from_pretrained retrying the Hub
     for a minute. A path that looks local and does not exist is a typo. Local-looking: it starts with '.', '/' or
     '~', holds a backslash or more than one '/', or is 'dir/name' with an existing dir (a Hub id is 'owner/name').
-    A bare name (no '/') is asked of the Hub once (check_bare_hub_name)."""
+    Any other name is asked of the Hub once (check_hub_id)."""
     if path is None or Path(path).expanduser().exists():
         return
     # "owner/name" is a Hub id unless "owner" is a local folder (runs/pretrian: a typo under runs/)
@@ -27,8 +27,7 @@ def check_local_path(path: str, what: str = "folder", option: str = "--model_nam
     )
     if looks_local:
         raise FileNotFoundError(f"{option} {path}: no such {what}; check the path (a Hub id looks like owner/name).")
-    if "/" not in path:
-        check_bare_hub_name(path, option)
+    check_hub_id(path, option)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -41,11 +40,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def check_bare_hub_name(name: str, option: str = "--model_name_or_path") -> None:
-    """A name without "/" that is no local folder is most often a misspelled folder, but the Hub still serves a few
-    owner-less legacy ids (gpt2, distilgpt2, ...). Ask the Hub once, with a short timeout (or the local cache when
-    HF_HUB_OFFLINE is set), and fail at once where it has no such model or cannot answer, instead of letting
-    from_pretrained retry for minutes and end in "couldn't connect to huggingface.co"."""
+def check_hub_id(name: str, option: str = "--model_name_or_path") -> None:
+    """A name that is no local folder is a Hub id (owner/name, or one of the few owner-less legacy ids: gpt2,
+    distilgpt2, ...) or a misspelled folder (rusn/tiny for runs/tiny, or a README command run from another folder).
+    Ask the Hub once, with a short timeout (or the local cache when HF_HUB_OFFLINE is set), and fail at once where
+    it has no such model or cannot answer, instead of letting from_pretrained retry for a minute and end in
+    "couldn't connect to huggingface.co"."""
     if constants.HF_HUB_OFFLINE:
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             return  # downloaded before: from_pretrained reads the cache
@@ -55,19 +55,24 @@ def check_bare_hub_name(name: str, option: str = "--model_name_or_path") -> None
             HfApi().model_info(name, timeout=10)
             return
         except RepositoryNotFoundError:
-            reason = "huggingface.co has no model of that name"
+            reason = "huggingface.co has no model of that name (or none your token may read)"
         except HfHubHTTPError as error:
             if error.response is None or error.response.status_code not in (401, 404):
                 return  # the Hub answered (gated, rate-limited, ...): from_pretrained reports it in its own words
-            reason = "huggingface.co has no model of that name"
+            reason = "huggingface.co has no model of that name (or none your token may read)"
         except _transport_errors() as error:  # no answer at all: DNS, refused connection, timeout, proxy
             if isinstance(try_to_load_from_cache(name, "config.json"), str):
                 return  # from_pretrained falls back to the cached copy
             reason = f"huggingface.co could not be reached ({type(error).__name__}: {error})"
+    if "/" not in name:
+        raise FileNotFoundError(
+            f"{option}: no such folder {name} (and {name} is not a Hub id of the form owner/name); tried as a Hub id "
+            f"anyway, but {reason}. Check the folder name, or give the Hub id as owner/name (e.g. "
+            "openai-community/gpt2)."
+        )
     raise FileNotFoundError(
-        f"{option}: no such folder {name} (and {name} is not a Hub id of the form owner/name); tried as a Hub id "
-        f"anyway, but {reason}. Check the folder name, or give the Hub id as owner/name (e.g. "
-        "openai-community/gpt2)."
+        f"{option}: no such folder {name} in {Path.cwd()}, and as a Hub id: {reason}. Check the path (relative "
+        "paths start from the folder you run in), or the Hub id."
     )
 
 
