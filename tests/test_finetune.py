@@ -781,8 +781,9 @@ def _interrupt_when(proc: subprocess.Popen, log: Path, ready) -> str:
 
 
 def test_ctrl_c_says_where_the_run_got_to_and_how_to_continue_it(base, tmp_path):
-    """A real SIGINT to a real `python -m minigpt.train.finetune`: one line with the step, the last checkpoint and
-    the command that resumes from it, exit status 130, no traceback; before any checkpoint, it says there is none."""
+    """A real SIGINT to a real `python -m minigpt.train.finetune`: the step is saved as a checkpoint (also with
+    --save_strategy no), then one line with the step, that checkpoint and the command that resumes from it, exit
+    status 130, no traceback."""
     tiny = ["--model_name_or_path", base, "--mode", "supervised", "--train_file", EN_FR, "--max_steps", "100000",
             "--logging_steps", "1", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
             "--threads", "1", "--per_device_train_batch_size", "2"]
@@ -808,9 +809,13 @@ def test_ctrl_c_says_where_the_run_got_to_and_how_to_continue_it(base, tmp_path)
     assert "minigpt-finetune --model_name_or_path " in last  # the console script, by its path where not on PATH
     assert last.endswith(f"--output_dir {saving} --save_steps 2 --resume_from_checkpoint {checkpoint}")
 
+    # with no periodic saves (--save_strategy no), Ctrl-C still saves the step it stopped at, as pretraining does
     assert procs[1].returncode == 130 and "Traceback" not in other, other[-4000:]
-    assert other.strip().splitlines()[-1].startswith("finetune: interrupted at step ")
-    assert "no checkpoint was saved yet" in other.strip().splitlines()[-1]
+    last = other.strip().splitlines()[-1]
+    step = int(last.split("interrupted at step ")[1].split(";")[0])
+    assert f"; the last checkpoint is {unsaved / f'checkpoint-{step}'}; continue with: " in last, last
+    assert (unsaved / f"checkpoint-{step}" / "model.safetensors").is_file()
+    assert not (unsaved / "model.safetensors").exists()  # stopped: no final model
 
 
 def test_an_adapter_folder_continues_training_the_adapter(tmp_path):

@@ -30,12 +30,14 @@ The output folder is a complete checkpoint (weights, config with auto_map and th
 generation config), and so is every intermediate checkpoint-N folder.
 """
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import shlex
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -201,6 +203,32 @@ class SaveTemplateCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             self.template.save(folder)
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Ctrl-C (SIGINT) or SIGTERM finishes the current optimizer step, saves a checkpoint-N and stops, as pretraining
+    does, so an interrupted fine-tune loses nothing; a second signal interrupts at once. `install` while training."""
+
+    def __init__(self):
+        self.signal = None
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def install(self):
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:  # after DefaultFlowCallback, so whatever --save_strategy says, this step saves
+            control.should_save = control.should_training_stop = True
 
 
 class KeepUseCacheCallback(TrainerCallback):
@@ -511,7 +539,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         if training_args.gradient_checkpointing:  # frozen embeddings: checkpointed blocks need an input with grad
             model.enable_input_require_grads()
 
-    callbacks = [KeepUseCacheCallback()]
+    stop_on_signal = StopOnSignalCallback()
+    callbacks = [KeepUseCacheCallback(), stop_on_signal]
     if data_args.mode == "supervised":
         callbacks.append(SaveTemplateCallback(template_of(data_args)))
     if extra_args.early_stopping_patience is not None:
@@ -536,9 +565,12 @@ def main(argv: list[str] | None = None) -> Trainer:
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True  # the newest checkpoint-N in output_dir
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        with stop_on_signal.install():
+            result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(interrupted_message(trainer, argv)) from None
+    if stop_on_signal.signal is not None:  # stopped after saving this step: no final model, as pretraining
+        raise KeyboardInterrupt(interrupted_message(trainer, argv))
     trainer.log_metrics("train", result.metrics)
 
     if eval_set is not None:
