@@ -749,7 +749,7 @@ def test_the_summary_and_card_name_the_base_model_and_what_it_was_trained_on(bas
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["base_model"] == {"name": "tiny", "hub": False, "data": "shakespeare.txt", "tokens": 81920}
     card = str(build_model_card(out, "alice/en-fr"))
-    assert "Fine-tuned from `tiny` (pretrained on shakespeare.txt, 81,920 tokens)." in card
+    assert "Fine-tuned from the local model `tiny` (pretrained on shakespeare.txt, 81,920 tokens)." in card
     assert "- **Data:** en_fr.jsonl (supervised fine-tuning)" in card
     assert "base_model" not in card.split("---")[1] and str(tmp_path) not in card
 

@@ -181,7 +181,8 @@ def _fine_tuned_from(base: dict | None) -> list[str]:
     pairs were all the model ever saw."""
     if not base:
         return []
-    name = f"[{base['name']}](https://huggingface.co/{base['name']})" if base.get("hub") else f"`{base['name']}`"
+    hub = base.get("hub")  # a local folder by its name: "the local model `tiny`" never reads as the tiny preset
+    name = f"[{base['name']}](https://huggingface.co/{base['name']})" if hub else f"the local model `{base['name']}`"
     how = "fine-tuned" if base.get("base_model") else "pretrained"
     facts = [f"{how} on {base['data']}" if base.get("data") else None,
              f"{_fmt(base['tokens'])} tokens" if base.get("tokens") else None]
