@@ -150,7 +150,8 @@ def test_help_shows_the_defaults_and_the_threads_option(capsys):
     with pytest.raises(SystemExit):
         generate.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: top_p)" in text and "(default: 200)" in text and "--threads" in text
+    assert "(default: 200)" in text and "--threads" in text and "--raw_prompt" in text
+    assert "overriding the model's generation_config.json" in text and "prompt_template.json" in text
 
 
 def test_threads_are_set_and_printed(model_dir, capsys):
@@ -216,3 +217,82 @@ def test_a_bare_name_an_adapter_folder_and_ctrl_c(model_dir, tmp_path, monkeypat
             proc.kill()
     out = log.read_text(errors="replace")
     assert "Traceback" not in out and out.rstrip().endswith("generate: interrupted"), out[-4000:]
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A supervised fine-tune: its template and its greedy generation_config.json by default, as its card's pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+EN_FR_PAIRS = [("good night", "bonne nuit"), ("good morning", "bonjour"), ("thank you", "merci"),
+               ("the cat", "le chat"), ("the dog", "le chien"), ("the house", "la maison")]  # fmt: skip
+TEMPLATE, SEPARATOR = "English: {prompt}", "\nFrench:"
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A tiny model fine-tuned (supervised, a template and a separator) on a few pairs, from a base whose
+    generation_config.json samples, as pretraining's does."""
+    from finetune_helpers import make_checkpoint, write_jsonl
+    from finetune_helpers import run as finetune
+
+    folder = tmp_path_factory.mktemp("finetune")
+    base = make_checkpoint(folder / "base", train_tokenizer([f"{a} {b}" for a, b in EN_FR_PAIRS] + make_corpus(20),
+                                                            vocab_size=300, min_frequency=1))  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    GenerationConfig(do_sample=True, temperature=0.8, top_k=50, top_p=0.95, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(base)  # fmt: skip
+    data = write_jsonl(folder / "pairs.jsonl", [{"prompt": a, "answer": b} for a, b in EN_FR_PAIRS])
+    finetune("--model_name_or_path", base, "--mode", "supervised", "--train_file", data, "--output_dir",
+             folder / "out", "--prompt_template", TEMPLATE, "--separator", r"\nFrench:", max_steps=60,
+             per_device_train_batch_size=len(EN_FR_PAIRS), learning_rate=3e-3, warmup_steps=5,
+             save_strategy="no")  # fmt: skip
+    return folder / "out"
+
+
+@pytest.mark.oldest  # the pipeline and generation_config handling of the oldest transformers too
+def test_a_supervised_finetune_gets_its_template_and_greedy_decoding_as_its_card_pipeline_does(finetuned, capsys):
+    from transformers import pipeline
+
+    card = pipeline("text-generation", model=str(finetuned), trust_remote_code=True)
+    answers = []
+    for prompt, _ in EN_FR_PAIRS[:3]:
+        full = TEMPLATE.replace("{prompt}", prompt) + SEPARATOR
+        expected = card(full, max_new_tokens=16, return_full_text=False)[0]["generated_text"]
+        text = generate.main(["--model", str(finetuned), "--prompt", prompt, "--no_stream", "--threads", "1",
+                              "--max_new_tokens", "16"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert text == full + expected, (text, full, expected)
+        assert "generation_config.json: greedy" in err and "seed" not in err  # no seed: nothing is drawn
+        assert "prompt_template.json" in err and "'English: {prompt}'" in err
+        # --raw_prompt passes the prompt on as it is; \n in --prompt is a newline, as finetune's options read it
+        escaped = full.replace("\n", r"\n")
+        assert generate.main(["--model", str(finetuned), "--prompt", escaped, "--raw_prompt", "--no_stream",
+                              "--threads", "1", "--max_new_tokens", "16"]) == text  # fmt: skip
+        answers.append(expected.strip())
+    print(f"\nfine-tuned answers: {answers}")
+    assert answers == [b for _, b in EN_FR_PAIRS[:3]]
+
+
+@pytest.mark.oldest  # the pipeline and generation_config handling of the oldest transformers too
+def test_an_explicit_strategy_overrides_the_saved_generation_config(finetuned, model_dir, capsys):
+    from transformers import set_seed
+
+    from minigpt.train.pairs import PromptTemplate
+
+    text = generate.main(["--model", str(finetuned), "--prompt", "good night", "--no_stream", "--threads", "1",
+                          "--max_new_tokens", "8", "--strategy", "top_k", "--seed", "3"])  # fmt: skip
+    assert "--strategy top_k, seed 3" in capsys.readouterr().err
+    tokenizer = AutoTokenizer.from_pretrained(finetuned)
+    model = AutoModelForCausalLM.from_pretrained(finetuned).eval()
+    ids = torch.tensor([PromptTemplate.load(finetuned).prompt_ids(tokenizer, "good night")])
+    set_seed(3)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=True,
+                         temperature=0.8, top_k=50, top_p=1.0)  # fmt: skip
+    assert text == tokenizer.decode(out[0], skip_special_tokens=True)
+    # a pretrained model without --strategy samples with its saved settings (top_p 0.95, temperature 1)
+    sampled = run(model_dir, "--seed", 4, "--max_new_tokens", 12)
+    err = capsys.readouterr().err
+    assert "generation_config.json: sampling" in err and "top_p 0.95" in err and "seed 4" in err
+    assert sampled == reference(model_dir, seed=4, max_new_tokens=12)
+    assert "seed" not in (run(model_dir, "--strategy", "greedy", "--max_new_tokens", 4), capsys.readouterr().err)[1]
