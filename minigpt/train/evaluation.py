@@ -41,7 +41,7 @@ from minigpt.train.pairs import (
 )
 from minigpt.train.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
-from minigpt.train.tokenizer import check_vocab, context_length, has_tokenizer, load_tokenizer, special_token_ids
+from minigpt.train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids, tokenizer_source
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FALLBACK_CONTEXT = 1024  # tokens, for a model and tokenizer that state no context length
@@ -55,10 +55,8 @@ def load_model(path: str, tokenizer_path: str | None = None, device: str = "cpu"
     its base model (base_model_name_or_path) with the adapter applied, which is how an adapter is evaluated."""
     kind = check_model_path(path, option)
     if kind == "adapter":
-        base = adapter_base(path, option)
-        if tokenizer_path is None and not has_tokenizer(path):
-            tokenizer_path = base  # an adapter saved without its tokenizer: the base model's
-    tokenizer = load_tokenizer(tokenizer_path or path, option="--tokenizer")
+        adapter_base(path, option)  # a base that cannot be found is said now, naming this option
+    tokenizer = load_tokenizer(tokenizer_source(path, tokenizer_path, kind), option="--tokenizer")
     model = load_pretrained(AutoModelForCausalLM, path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_vocab(tokenizer, model)
     return model.to(device).eval(), tokenizer

@@ -78,9 +78,9 @@ from minigpt.train.tokenizer import (
     add_bos_by_default,
     check_vocab,
     context_length,
-    has_tokenizer,
     load_tokenizer,
     special_token_ids,
+    tokenizer_source,
 )
 
 logger = logging.getLogger("minigpt.train.finetune")
@@ -497,9 +497,7 @@ def main(argv: list[str] | None = None) -> Trainer:
             raise PermissionError(f"--push_to_hub: {problem}; or drop --push_to_hub and publish the finished folder "
                                   "with minigpt-push OUTPUT_DIR REPO_ID.")  # fmt: skip
 
-    tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if kind == "adapter" and not model_args.tokenizer_name_or_path and not has_tokenizer(tokenizer_path):
-        tokenizer_path = base_model  # an adapter saved without its tokenizer: the base model's
+    tokenizer_path = tokenizer_source(model_args.model_name_or_path, model_args.tokenizer_name_or_path, kind)
     tokenizer = load_tokenizer(tokenizer_path, option="--tokenizer_name_or_path")
     model = load_pretrained(AutoModelForCausalLM, base_model, trust_remote_code=model_args.trust_remote_code)
     if kind == "adapter":

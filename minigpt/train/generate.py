@@ -31,7 +31,7 @@ from minigpt.train.checkpoints import load_pretrained
 from minigpt.train.pairs import ESCAPES_HELP, TEMPLATE_FILE, PromptTemplate, unescape
 from minigpt.train.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
-from minigpt.train.tokenizer import context_length, has_tokenizer, load_tokenizer, special_token_ids
+from minigpt.train.tokenizer import context_length, load_tokenizer, special_token_ids, tokenizer_source
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problems = []
     try:  # the checks every script runs on a model name: no such folder, not a model folder, a missing Hub id
         args.kind = check_model_path(args.model, "--model")
-        args.base = adapter_base(args.model, "--model") if args.kind == "adapter" else None
+        if args.kind == "adapter":
+            adapter_base(args.model, "--model")  # a base that cannot be found is said now, as a usage error
     except (ValueError, OSError) as error:
         problems.append(str(error))
     if args.max_new_tokens < 1:
@@ -165,11 +166,8 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = set_threads(args.threads, on_cpu=torch.device(device).type == "cpu")
-    tokenizer_path = args.tokenizer or args.model
-    if args.kind == "adapter" and args.tokenizer is None and not has_tokenizer(args.model):
-        tokenizer_path = args.base  # an adapter saved without its tokenizer: the base model's
     try:
-        tokenizer = load_tokenizer(tokenizer_path, option="--tokenizer",
+        tokenizer = load_tokenizer(tokenizer_source(args.model, args.tokenizer, args.kind), option="--tokenizer",
                                    trust_remote_code=args.trust_remote_code)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"generate: error: {e}") from None

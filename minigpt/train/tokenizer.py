@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from minigpt.train.sources import check_local_path
+from minigpt.train.sources import adapter_base, check_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def has_tokenizer(folder: str | os.PathLike) -> bool:
     return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_source(model: str, tokenizer: str | None, kind: str) -> str:
+    """Where to load a model's tokenizer from: `tokenizer` if given, else the model's folder, or, for an adapter
+    folder saved without a tokenizer (`kind` "adapter", from check_model_path), its base model's."""
+    if tokenizer:
+        return tokenizer
+    return adapter_base(model) if kind == "adapter" and not has_tokenizer(model) else model
 
 
 def load_tokenizer(path: str, option: str = "--tokenizer", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
