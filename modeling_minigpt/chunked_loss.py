@@ -80,3 +80,21 @@ def fused_linear_cross_entropy(
         grad and hidden.requires_grad,
         grad and weight.requires_grad,
     )
+
+
+def computes_plain_linear(head: nn.Module) -> bool:
+    """Whether calling `head(x)` computes exactly `x @ head.weight.T`, so that the chunked loss may read the weight
+    instead of calling the head. Anything that lives in the head's call makes it False, and the caller must call the
+    head instead: a wrapper class (PEFT's LoRA layers and modules_to_save, quantized Linears), a forward replaced on
+    the instance (accelerate's offload and device hooks), forward hooks, a bias, and a weight that is not a plain
+    tensor holding its values (a tensor subclass such as torchao's quantized weights or a tensor-parallel DTensor, or
+    a meta placeholder that a hook would load at call time)."""
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear
+        and head.bias is None
+        and getattr(head.forward, "__func__", None) is nn.Linear.forward  # not replaced on the instance
+        and not (head._forward_hooks or head._forward_pre_hooks)  # torch has no public "has hooks" query
+        and type(weight) in (nn.Parameter, torch.Tensor)
+        and not weight.is_meta
+    )

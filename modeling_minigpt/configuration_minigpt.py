@@ -87,9 +87,12 @@ class MiniGPTConfig(PreTrainedConfig):
     # that shards a 3-way packed projection by heads (`packed_colwise` splits 2-way), so it would leave qkv_proj
     # whole while o_proj expects a shard: MiniGPT is not prepared for it. (Phi-3's `colwise_gather_output` and
     # `rowwise_split_input` would suit it, but vLLM reads those as "replicate", which breaks its head-sharded path.)
-    # No base_model_pp_plan either: the learned and sinusoidal positions are added inside MiniGPTModel.forward
-    # after the embeddings, so a later pipeline stage would add them a second time.
+    # The token embeddings are sharded on the vocabulary (as transformers >= 5.25 adds by itself to any base plan): the
+    # LM head is tied to them and is sharded the same way (MiniGPTForCausalLM._tp_plan), since a tied pair must be
+    # sharded both or neither. No base_model_pp_plan either: the learned and sinusoidal positions are added inside
+    # MiniGPTModel.forward after the embeddings, so a later pipeline stage would add them a second time.
     base_model_tp_plan = {
+        "embed_tokens": "embedding_rowwise",
         "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",

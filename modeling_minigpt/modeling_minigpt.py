@@ -39,32 +39,46 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
-from .chunked_loss import fused_linear_cross_entropy
+from .chunked_loss import computes_plain_linear, fused_linear_cross_entropy
 from .configuration_minigpt import MiniGPTConfig
 from .input_checks import check_inputs
 
 logger = logging.get_logger(__name__)
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name stays,
-# deprecated, until 5.40); 5.17 to 5.23 know only `past_key_values`. Every forward here takes `cache`, and this one
+# deprecated, until 5.40); 5.17 to 5.23 know only `past_key_values`. Every forward here takes `cache`, and one
 # decorator maps the other name onto it: with transformers' own deprecation warning where `cache` is the current
-# name (as its built-in models do), silently where `past_key_values` still is.
+# name (as its built-in models do), silently where `past_key_values` still is. Given both, `cache` wins, as in
+# transformers' models, except where it is empty and `past_key_values` is not: PEFT's prefix tuning passes its prefix
+# as `past_key_values` while transformers >= 5.24's generate passes its own new, empty `cache`, and the prefix is what
+# the caller means (GPT-2 keeps the empty cache there and silently generates without the prefix).
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-if CACHE_NAME == "cache":
-    accepts_both_cache_names = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
-else:
 
-    def accepts_both_cache_names(forward: Callable) -> Callable:
-        @functools.wraps(forward)
-        def forward_taking_past_key_values(*args, past_key_values: Cache | None = None, **kwargs):
+def _holds_tokens(cache: Cache | None) -> bool:
+    return cache is not None and cache.get_seq_length() > 0
+
+
+def accepts_both_cache_names(forward: Callable) -> Callable:
+    if CACHE_NAME == "cache":
+        forward = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_both_names(*args, **kwargs):
+        cache, past_key_values = kwargs.get("cache"), kwargs.get("past_key_values")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            if _holds_tokens(past_key_values) and not _holds_tokens(cache):
+                del kwargs["cache"]  # the prefix PEFT passes beside generate's new cache
+            elif CACHE_NAME == "past_key_values":  # transformers >= 5.24 warns and keeps `cache`; so does this
+                logger.warning_once("Both `past_key_values` and `cache` are set; using `cache`.")
+                del kwargs["past_key_values"]
+        if CACHE_NAME == "past_key_values":
+            past_key_values = kwargs.pop("past_key_values", None)
             if past_key_values is not None:
-                if kwargs.get("cache") is not None:
-                    raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
                 kwargs["cache"] = past_key_values
-            return forward(*args, **kwargs)
+        return forward(*args, **kwargs)
 
-        return forward_taking_past_key_values
+    return forward_taking_both_names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -442,6 +456,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """MiniGPTModel plus the LM head (tied to the token embeddings unless `tie_word_embeddings=False`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # sharded on the vocabulary like the embeddings it is tied to (base_model_tp_plan), each rank's logits gathered
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
@@ -474,9 +490,11 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         labels: token ids to predict, aligned with `input_ids` (the shift happens inside the loss); -100 is ignored.
         logits_to_keep: if an int > 0, compute logits for the last that many positions only (generation needs 1);
             if a 1-D tensor, the positions to keep. 0 keeps all.
-        skip_logits: with `labels`, compute the loss from the hidden states chunk by chunk
-            (`fused_linear_cross_entropy`) and return `logits=None`: the same loss and gradients without holding
-            [B, T, V] logits, which makes training faster and leaner. The name is the one Trainer passes.
+        skip_logits: with `labels`, return the loss and `logits=None`. Where the head is a plain Linear, the loss is
+            computed from the hidden states chunk by chunk (`fused_linear_cross_entropy`): the same loss and gradients
+            without holding [B, T, V] logits, which makes training faster and leaner. A head that is more than its
+            weight (LoRA, modules_to_save, offload hooks, quantized weights) is called as usual instead, so the loss
+            and gradients are those of the plain path there too. The name is the one Trainer passes.
         """
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True computes only the loss, so it needs labels; pass labels or drop it.")
@@ -490,14 +508,21 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, C)
-        logits = loss = None
-        if skip_logits:
+        if skip_logits and computes_plain_linear(self.lm_head):
             loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **kwargs)
+            logits = None
         else:
+            # a head that is more than its weight (LoRA, offload hooks, quantized) is called; skip_logits then falls
+            # back to this plain path, over every position, and only drops the logits afterwards
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            if skip_logits:  # the loss needs every position
+                keep = slice(None)
             logits = self.lm_head(hidden_states[:, keep, :])  # (B, T_keep, V)
-        if labels is not None and logits is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if skip_logits:
+                logits = None
 
         return CausalLMOutputWithPast(
             loss=loss,
@@ -543,6 +568,32 @@ class MiniGPTForQuestionAnswering(GenericForQuestionAnswering, MiniGPTPreTrained
         self.qa_outputs = nn.Linear(config.n_embd, 2)
         self.post_init()
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers' name tables. Some behaviour is keyed on a model's class *name* in transformers' built-in tables, which
+# `AutoModelFor*.register` does not reach: Trainer shifts the labels for label smoothing only for the names in
+# MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (any other model is smoothed against unshifted labels, so it learns to copy its
+# input), refuses a bare base model by MODEL_MAPPING_NAMES, and the model card and `transformers serve` read the task
+# from them. Done here, not in __init__.py, so that a checkpoint loaded with trust_remote_code registers too. Each
+# table maps a model_type to a class name; "minigpt" is in no built-in CONFIG_MAPPING_NAMES, so the lazy Auto mappings
+# built on these tables skip the entry, and Auto loading keeps going through the registered classes or auto_map.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _add_to_transformers_name_tables() -> None:
+    from transformers.models.auto import modeling_auto
+
+    for table, cls in (
+        (modeling_auto.MODEL_MAPPING_NAMES, MiniGPTModel),
+        (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MiniGPTForCausalLM),
+        (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, MiniGPTForSequenceClassification),
+        (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, MiniGPTForTokenClassification),
+        (modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, MiniGPTForQuestionAnswering),
+    ):
+        table.setdefault(MiniGPTConfig.model_type, cls.__name__)
+
+
+_add_to_transformers_name_tables()
 
 __all__ = [
     "MiniGPTPreTrainedModel",

@@ -848,3 +848,26 @@ def test_push_to_hub_without_the_hub_is_refused_before_training(tmp_path, monkey
         run("--model_name_or_path", base, "--train_file", EN_FR, "--output_dir", tmp_path / "out",
             "--push_to_hub", "true", "--hub_model_id", "alice/x", max_steps=1)  # fmt: skip
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.oldest
+def test_label_smoothing_scores_each_position_on_the_next_token(tmp_path, tokenizer):
+    """--label_smoothing_factor once smoothed against the unshifted labels (5.304 where the formula gives 5.749):
+    every position scored on its own input token. The logged loss of the first step is the written-out formula."""
+    rows = [{"prompt": "one", "answer": "un"}, {"prompt": "my mother", "answer": "ma mère et mon père"},
+            {"prompt": "I read", "answer": "je lis un vieux livre"}]  # fmt: skip
+    data = write_jsonl(tmp_path / "three.jsonl", rows)
+    base = make_checkpoint(tmp_path / "base", tokenizer, initializer_range=0.5)
+    trainer = run("--model_name_or_path", base, "--mode", "supervised", "--train_file", data, "--output_dir",
+                  tmp_path / "out", per_device_train_batch_size=3, max_steps=1, learning_rate=0.0, logging_steps=1,
+                  save_strategy="no", label_smoothing_factor=0.1)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(base)
+    train, _ = finetune.build_datasets(finetune.DataArguments(train_file=str(data), mode="supervised"), tokenizer, 64, 0)
+    batch = SupervisedCollator(tokenizer.pad_token_id)(list(train))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], dim=-1)
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    nll = -logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    expected = 0.9 * nll + 0.1 * (-logprobs.mean(-1)[keep]).mean()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected.item(), rel=1e-4)

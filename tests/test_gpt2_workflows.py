@@ -115,3 +115,80 @@ def test_gradient_checkpointing_with_use_cache_gives_gpt2s_gradients(attn, use_r
         got = grads[mini_name].grad
         got = got.t() if "c_attn" in gpt2_name or "c_proj" in gpt2_name else got  # Conv1D stores (in, out)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=mini_name)
+
+
+# ------------------------------------------------------------------------- label smoothing, through Trainer
+def smoothed_causal_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Label-smoothed cross-entropy written out: position t predicts labels[t + 1], and the loss is
+    (1 - eps) * mean NLL + eps * mean over targets of the mean over the vocabulary of -log p (Trainer's LabelSmoother)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    nll = -logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep]
+    uniform = -logprobs.mean(-1)[keep]
+    return (1 - epsilon) * nll.mean() + epsilon * uniform.mean()
+
+
+def trainer_loss(model, batch: dict, tmp_path, epsilon: float = 0.1):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=epsilon, use_cpu=True, report_to="none")
+    return Trainer(model=model, args=args).compute_loss(model, dict(batch))
+
+
+def test_trainer_label_smoothing_shifts_the_labels_as_for_gpt2(tmp_path):
+    """Trainer shifts the labels for label smoothing only for class names in transformers' causal-LM table; MiniGPT
+    was once smoothed against its unshifted labels (4.219 where GPT-2 gave 4.607): a copy task."""
+    gpt2, mini = gpt2_and_minigpt()
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100  # a masked prompt, as a supervised fine-tune has
+    batch = {"input_ids": ids, "labels": labels}
+    losses, grads = {}, {}
+    for name, model in (("gpt2", gpt2), ("minigpt", mini)):
+        model.train()
+        model.zero_grad()
+        loss = trainer_loss(model, batch, tmp_path)
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = model.get_input_embeddings().weight.grad
+    with torch.no_grad():
+        expected = smoothed_causal_loss(mini(ids).logits, labels, 0.1).item()
+    assert losses["minigpt"] == pytest.approx(losses["gpt2"], rel=1e-5)
+    assert losses["minigpt"] == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(grads["minigpt"], grads["gpt2"], atol=1e-5, rtol=1e-4)
+
+
+def test_every_head_is_in_transformers_name_tables():
+    """What Trainer, pipelines and the model card look up by class name (see modeling_minigpt.py)."""
+    from transformers.models.auto import modeling_auto
+
+    assert modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["minigpt"] == "MiniGPTForCausalLM"
+    assert modeling_auto.MODEL_MAPPING_NAMES["minigpt"] == "MiniGPTModel"
+    assert modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES["minigpt"] == "MiniGPTForSequenceClassification"
+    # the lazy Auto mappings over these tables still list only what they did (no transformers.models.minigpt to import)
+    assert "MiniGPTForCausalLM" in [c.__name__ for c in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING.values()]
+
+
+# ------------------------------------------------------------------------------ PEFT prefix tuning, generate
+def test_prefix_tuning_generate_uses_the_prefix(tmp_path):
+    """peft passes its prefix as `past_key_values=` while transformers >= 5.24's generate passes its own empty
+    `cache=`: MiniGPT raised "both cache names", GPT-2 silently drops the prefix. Each step's logits must be those
+    of PeftModel.forward over the same tokens at the positions generate gives them (0, 1, ...), prefix included."""
+    from peft import PrefixTuningConfig
+
+    _, mini = gpt2_and_minigpt()
+    torch.manual_seed(2)
+    peft_model = get_peft_model(mini, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).eval()
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.copy_(3 * torch.randn_like(p))  # a prefix that changes the answers
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    sequences, step_logits = greedy(peft_model, ids, n=6)
+    _, without_prefix = greedy(mini, ids, n=6)
+    with torch.no_grad():
+        T = sequences.shape[1] - 1
+        full = peft_model(input_ids=sequences[:, :-1], attention_mask=torch.ones(2, T, dtype=torch.long),
+                          position_ids=torch.arange(T).expand(2, T)).logits[:, ids.shape[1] - 1 :]  # fmt: skip
+    torch.testing.assert_close(step_logits, full, atol=1e-4, rtol=1e-4)
+    assert (step_logits - without_prefix).abs().max() > 1.0  # the prefix is used

@@ -160,8 +160,26 @@ def test_the_old_cache_name_warns_only_where_transformers_deprecated_it():
     else:
         assert not deprecations
     assert getattr(out, CACHE_NAME).get_seq_length() == 6
-    with pytest.raises(ValueError, match="cache"):  # two different caches: which one was meant is unknowable
-        model(ids, past_key_values=DynamicCache(config=model.config), cache=DynamicCache(config=model.config))
+
+
+def test_given_both_cache_names_the_one_holding_tokens_is_used():
+    """`cache` wins, as in transformers' own models, except where it is empty and `past_key_values` is not: PEFT's
+    prefix tuning passes its prefix as `past_key_values` beside the empty `cache` of transformers >= 5.24's generate."""
+    model = build()
+    ids = torch.randint(3, 100, (1, 8))
+    full = model(ids).logits
+    prefix = DynamicCache(config=model.config)
+    model(ids[:, :5], cache=prefix, use_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        empty = DynamicCache(config=model.config)
+        out = model(ids[:, 5:], past_key_values=prefix, cache=empty, use_cache=True)
+        torch.testing.assert_close(out.logits, full[:, 5:], atol=1e-5, rtol=1e-5)
+        assert getattr(out, CACHE_NAME) is prefix and empty.get_seq_length() == 0
+        other = DynamicCache(config=model.config)
+        model(ids[:, :5], cache=other, use_cache=True)
+        out = model(ids[:, 5:], past_key_values=DynamicCache(config=model.config), cache=other, use_cache=True)
+        assert getattr(out, CACHE_NAME) is other and other.get_seq_length() == 8
 
 
 # ---------------------------------------------------------------- init, tying, loading

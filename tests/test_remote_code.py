@@ -72,6 +72,33 @@ def test_trust_remote_code_load_without_the_package_generates_the_same_tokens(sa
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 
 
+def test_trainer_label_smoothing_shifts_the_labels_with_only_trust_remote_code(saved):
+    """Trainer shifts the labels for label smoothing by the model's class name in transformers' causal-LM table; the
+    checkpoint's own code adds the name, so a Trainer in a process without the package smooths the causal loss too."""
+    folder, model, _ = saved
+    ids = torch.randint(3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[:, :-1], dim=-1)
+    targets = ids[:, 1:]
+    nll = -logprobs.gather(-1, targets[..., None]).mean()
+    expected = 0.9 * nll + 0.1 * (-logprobs.mean(-1)).mean()
+    child = BLOCK_PACKAGE + textwrap.dedent(
+        f"""
+        import tempfile, torch
+        from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), label_smoothing_factor=0.1, use_cpu=True,
+                                 report_to="none")
+        ids = torch.tensor({ids.tolist()})
+        with torch.no_grad():
+            print(Trainer(model=model.eval(), args=args).compute_loss(model, {{"input_ids": ids, "labels": ids}}).item())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_every_auto_class_loads_from_the_checkpoint_alone_whichever_head_saved_it(saved, tmp_path):
     """With the package installed, AutoModel and the task-head Auto classes work; from the checkpoint alone
     (trust_remote_code) they must too, for a folder written by the LM or by a classification head. The body's

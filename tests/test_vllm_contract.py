@@ -194,3 +194,21 @@ def test_head_sharded_ranks_sum_to_the_whole_attention(tp, position_embedding_ty
         ranks = [_rank_shard(attention, rank, tp)(hidden, position_embeddings=rotary)[0] for rank in range(tp)]
     assert all(out.shape == expected.shape for out in ranks)
     torch.testing.assert_close(sum(ranks), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_are_sharded_together():
+    """transformers' common test of that name: a tensor-parallel plan shards a tied pair both or neither, the same
+    way, or each rank would hold a different slice of one matrix. MiniGPT's head is tied to the token embeddings, and
+    both are sharded on the vocabulary (dim 0 of each weight)."""
+    model = MiniGPTForCausalLM(tiny_config())
+    plan = model.tp_plan
+
+    def style_of(module: str) -> str | None:
+        return next((s for p, s in plan.items() if re.fullmatch(re.escape(p).replace(r"\*", r"\d+"), module)), None)
+
+    assert model._tied_weights_keys
+    for tied, source in model._tied_weights_keys.items():
+        styles = style_of(tied.rsplit(".", 1)[0]), style_of(source.rsplit(".", 1)[0])
+        assert (styles[0] is None) == (styles[1] is None), (tied, source, styles)
+    assert style_of("lm_head") == "colwise_gather_output"  # vocabulary-sharded, each rank's logits gathered
+    assert style_of("model.embed_tokens") == "embedding_rowwise"  # vocabulary-sharded

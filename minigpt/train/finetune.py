@@ -58,6 +58,8 @@ from transformers import (
     set_seed,
 )
 
+from transformers.trainer_pt_utils import LabelSmoother
+
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from minigpt.commands import command, interrupted, one_line
 from minigpt.train.checkpoints import load_pretrained
@@ -556,6 +558,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        compute_loss_func=causal_label_smoothing(training_args.label_smoothing_factor),
     )
     log_plan(trainer, train_set, data_args, max_length, batches_per_epoch)
 
@@ -590,6 +593,21 @@ def main(argv: list[str] | None = None) -> Trainer:
             commit_message=f"Fine-tune ({data_args.mode}) on {Path(data_args.train_file).name}",
         )
     return trainer
+
+
+def causal_label_smoothing(factor: float):
+    """Trainer's label-smoothed loss with the labels shifted, as a causal LM needs, or None without smoothing.
+
+    Trainer shifts them only for models whose class name is in transformers' built-in causal-LM table; any other
+    model (a remote-code one, say) would be smoothed against its unshifted labels, each position scored on its own
+    input token, which teaches it to copy. MiniGPT adds itself to that table, but a fine-tune may start from any
+    causal LM folder, so the shift is asked for here whatever the model."""
+    if not factor:
+        return None
+    smoother = LabelSmoother(epsilon=factor)
+    return lambda outputs, labels, num_items_in_batch=None: smoother(
+        outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch
+    )
 
 
 def interrupted_message(trainer: Trainer, argv: list[str]) -> str:
