@@ -23,7 +23,7 @@ import torch
 from transformers.activations import ACT2FN
 
 from benchmarks import common
-from minigpt.train.monitoring import count_params, flops_per_token, mfu
+from minigpt.flops import count_params, flops_per_token, mfu
 
 ABLATIONS = ["minigpt:logits", "minigpt:gelu_new", "minigpt:vocab50257", "minigpt:mask"]
 

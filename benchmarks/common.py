@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the size presets, the two models at identical shapes, timing, MFU and output.
 MFU counts FLOPs and looks peaks up exactly as training does: the formula and the peak table live in
-minigpt/train/monitoring.py.
+minigpt/flops.py.
 
 The reference is transformers' own `GPT2LMHeadModel` with `attn_implementation="sdpa"`, built from a `GPT2Config`
 with exactly MiniGPT's shape (layers, heads, width, context, vocabulary) and the same dropout (none), so the two
@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minigpt.train.monitoring import lookup_peak_tflops
+from minigpt.flops import lookup_peak_tflops
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from modeling_minigpt.modeling_minigpt import CACHE_NAME
 
@@ -129,7 +129,7 @@ def build_model(name: str, shape: dict, device: str, **overrides) -> torch.nn.Mo
 
 
 def device_peak_flops(device: str, override_tflops: float | None) -> tuple[float | None, str]:
-    """(peak FLOP/s or None, how it was found) from --peak_tflops, else from minigpt.train.monitoring.PEAK_TFLOPS."""
+    """(peak FLOP/s or None, how it was found) from --peak_tflops, else from minigpt.flops.PEAK_TFLOPS."""
     if override_tflops:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (given)"
     if device != "cuda":

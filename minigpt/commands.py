@@ -1,5 +1,5 @@
 """How MiniGPT's command-line tools talk to the shell: the commands they print ("continue: ...", "try: ..."), and
-their one-line endings for bad input and Ctrl-C.
+their one ending (run_cli): a line for bad input, a line for Ctrl-C, never a traceback.
 
 `python -m minigpt.train.pretrain` works only where `python` is the interpreter MiniGPT is installed in; after
 `make demo` that is .venv's, which a new shell has not activated. A printed command therefore names the console
@@ -10,6 +10,7 @@ else this interpreter with -m (a clone that is not installed).
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -36,6 +37,33 @@ def _shell_path(path: Path) -> str:
     except ValueError:
         text = str(path)
     return shlex.quote(text)
+
+
+def run_cli(
+    prog: str,
+    main: Callable,
+    argv: list[str] | None = None,
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError),
+    status: int = 1,
+    not_started: str = "",
+) -> None:
+    """The ending of every console script: `main(argv)`, whose return value would otherwise become the exit status.
+
+    Bad input (`errors`, whose messages name the fix) ends in one line `prog: error: ...` and exit `status`;
+    Ctrl-C in one line `prog: interrupted ...` and 130, with the KeyboardInterrupt's own text (where the run got to)
+    or else `not_started`. Errors the tools raise as SystemExit themselves (argparse's usage, pretraining's
+    checks) pass through as they are."""
+    try:
+        main(argv)
+    except errors as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # str(KeyError) quotes it
+        line = f"{prog}: error: {one_line(message)}"
+        if status == 1:
+            raise SystemExit(line) from None  # Python prints it on stderr and exits 1
+        print(line, file=sys.stderr)
+        raise SystemExit(status) from None
+    except KeyboardInterrupt as error:
+        raise SystemExit(interrupted(prog, f" {error}" if str(error) else not_started)) from None
 
 
 def interrupted(prog: str, detail: str = "") -> int:

@@ -117,7 +117,7 @@ def assert_same_weights(a, b, atol: float = 0.0) -> None:
 
 
 def debug_env(**hooks) -> dict[str, str]:
-    """minigpt.train.args.DebugHooks as environment variables: debug_env(save_delay=2) == {"MINIGPT_DEBUG_SAVE_DELAY": "2"}."""
+    """minigpt.train.faults.DebugHooks as environment variables: debug_env(save_delay=2) == {"MINIGPT_DEBUG_SAVE_DELAY": "2"}."""
     return {f"MINIGPT_DEBUG_{name.upper()}": str(value) for name, value in hooks.items()}
 
 

@@ -84,14 +84,14 @@ def test_benchmark_flags_take_the_underscore_spelling_of_the_train_scripts_and_t
 
 
 def test_benchmarks_count_mfu_with_the_training_formula_and_peak_table():
-    """One copy of each: benchmarks/common.py looks peaks up in minigpt.train.monitoring; bench_train counts FLOPs with it."""
+    """One copy of each: benchmarks/common.py looks peaks up in minigpt.flops; bench_train counts FLOPs with it."""
     from benchmarks import bench_train, common
-    from minigpt.train import monitoring
+    from minigpt import flops
 
-    assert bench_train.flops_per_token is monitoring.flops_per_token
-    assert bench_train.count_params is monitoring.count_params
-    assert not hasattr(common, "PEAK_BF16_FLOPS") and monitoring.PEAK_TFLOPS["H100"] == 989.0
-    assert monitoring.flops_per_token(1000, n_layer=2, n_embd=8, seq_len=16) == 6 * 1000 + 12 * 2 * 8 * 16
+    assert bench_train.flops_per_token is flops.flops_per_token
+    assert bench_train.count_params is flops.count_params
+    assert not hasattr(common, "PEAK_BF16_FLOPS") and flops.PEAK_TFLOPS["H100"] == 989.0
+    assert flops.flops_per_token(1000, n_layer=2, n_embd=8, seq_len=16) == 6 * 1000 + 12 * 2 * 8 * 16
     assert common.device_peak_flops("cpu", 100.0) == (100e12, "100 TFLOP/s (given)")
     assert common.device_peak_flops("cpu", None)[0] is None
 

@@ -22,7 +22,7 @@ from huggingface_hub import constants
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from minigpt.train.checkpoints import load_pretrained
+from minigpt.folders import load_pretrained
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 
 CONFIG = dict(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
@@ -71,7 +71,7 @@ def test_the_check_works_with_trust_remote_code_where_the_package_is_absent(tmp_
     child = BLOCK_PACKAGE + textwrap.dedent(
         f"""
         from transformers import AutoModelForCausalLM
-        from minigpt.train.checkpoints import load_pretrained
+        from minigpt.folders import load_pretrained
         try:
             load_pretrained(AutoModelForCausalLM, {str(tmp_path)!r}, trust_remote_code=True)
         except OSError as error:

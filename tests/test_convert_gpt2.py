@@ -19,7 +19,7 @@ from hub_server import hub_env
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from minigpt.hub.convert_gpt2 import convert_state_dict, gpt2_to_minigpt, main, minigpt_to_gpt2
+from minigpt.hub.convert_gpt2 import cli, convert_state_dict, gpt2_to_minigpt, main, minigpt_to_gpt2
 from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 
@@ -162,7 +162,7 @@ def test_refuses_a_checkpoint_that_is_not_gpt2(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(SystemExit, match=r"'llama' checkpoint, not GPT-2"):
-        main([str(tmp_path / "llama"), str(tmp_path / "out")])
+        cli([str(tmp_path / "llama"), str(tmp_path / "out")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         gpt2_to_minigpt(str(tmp_path / "empty"), str(tmp_path / "out"))
@@ -291,7 +291,7 @@ def test_a_misspelled_local_path_fails_at_once_without_asking_the_hub(tmp_path, 
     start = time.perf_counter()
     for reverse in ([], ["--reverse"]):
         with pytest.raises(SystemExit, match="no such folder"):
-            main([typo.format(tmp=tmp_path), str(tmp_path / "out"), *reverse])
+            cli([typo.format(tmp=tmp_path), str(tmp_path / "out"), *reverse])
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "out").exists()
 
@@ -304,7 +304,7 @@ def test_a_bare_name_that_is_no_folder_fails_at_once_offline(tmp_path, monkeypat
     start = time.perf_counter()
     with pytest.raises(SystemExit, match=r"no such folder gpt2-folderr \(and gpt2-folderr is not a Hub id of the "
                                          r"form owner/name\).*HF_HUB_OFFLINE is set.*openai-community/gpt2"):
-        main(["gpt2-folderr", str(tmp_path / "out"), *(["--reverse"] if reverse else [])])
+        cli(["gpt2-folderr", str(tmp_path / "out"), *(["--reverse"] if reverse else [])])
     assert time.perf_counter() - start < 10
     assert not (tmp_path / "out").exists()
 
@@ -318,12 +318,12 @@ def test_a_bare_name_fails_at_once_when_the_hub_cannot_be_reached_or_has_no_such
     start = time.perf_counter()
     with pytest.raises(SystemExit, match=r"no such folder gpt2-folderr \(and gpt2-folderr is not a Hub id of the "
                                          r"form owner/name\).*huggingface.co could not be reached"):
-        main(["gpt2-folderr", str(tmp_path / "out")])
+        cli(["gpt2-folderr", str(tmp_path / "out")])
     assert time.perf_counter() - start < 30
 
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", hub.url)  # a Hub that answers: no such model
     with pytest.raises(SystemExit, match=r"no such folder gpt2-folderr .*huggingface.co has no model of that name"):
-        main(["gpt2-folderr", str(tmp_path / "out")])
+        cli(["gpt2-folderr", str(tmp_path / "out")])
     assert [path for _, path, _ in hub.requests if "gpt2-folderr" in path] == ["/api/models/gpt2-folderr"]
     assert not (tmp_path / "out").exists()
 

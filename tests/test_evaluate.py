@@ -294,7 +294,7 @@ def test_a_lora_adapter_folder_evaluates_on_its_base_and_one_without_its_base_sa
     """An adapter folder loads as transformers loads it with peft: its base with the adapter applied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minigpt.train.finetune import apply_lora
+    from minigpt.train.lora import apply_lora
 
     base = AutoModelForCausalLM.from_pretrained(folders["minigpt"])
     adapter = tmp_path / "run" / "adapter"

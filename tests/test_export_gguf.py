@@ -183,12 +183,12 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path, tokenizer
     MiniGPTForCausalLM(tiny_config(vocab_size=VOCAB, norm_position="post")).save_pretrained(tmp_path / "post")
     tokenizer.save_pretrained(tmp_path / "post")
     with pytest.raises(SystemExit) as exit_:
-        export_gguf.main([str(tmp_path / "post"), str(tmp_path / "out.gguf")])
+        export_gguf.cli([str(tmp_path / "post"), str(tmp_path / "out.gguf")])
     assert exit_.value.code == 2 and "post-LN" in capsys.readouterr().err
 
     MiniGPTForCausalLM(tiny_config(vocab_size=VOCAB)).save_pretrained(tmp_path / "bare")  # no tokenizer saved
     with pytest.raises(SystemExit):
-        export_gguf.main([str(tmp_path / "bare"), str(tmp_path / "out.gguf")])
+        export_gguf.cli([str(tmp_path / "bare"), str(tmp_path / "out.gguf")])
     err = capsys.readouterr().err
     assert "has no tokenizer.json" in err and "--tokenizer DIR" in err
     # --tokenizer points at the one the model was trained with
@@ -196,7 +196,7 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path, tokenizer
     assert (tmp_path / "out.gguf").is_file()
 
     with pytest.raises(SystemExit):
-        export_gguf.main([str(tmp_path / "missing"), str(tmp_path / "out2.gguf")])
+        export_gguf.cli([str(tmp_path / "missing"), str(tmp_path / "out2.gguf")])
     assert "not a folder" in capsys.readouterr().err
     assert not (tmp_path / "out2.gguf").exists()
 

@@ -103,7 +103,7 @@ def test_both_graphs_have_the_documented_names(exported):
 
 def test_the_command_line_reports_a_bad_folder_without_a_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        export_onnx.main([str(tmp_path), str(tmp_path / "onnx")])
+        export_onnx.cli([str(tmp_path), str(tmp_path / "onnx")])
     assert exit_.value.code == 2 and "has no config.json" in capsys.readouterr().err
 
 
@@ -127,7 +127,7 @@ def test_a_missing_optional_package_is_one_line_that_says_how_to_install_it(tmp_
     before any model loads (here the folder does not even exist)."""
     monkeypatch.setitem(sys.modules, missing, None)  # what find_spec reports for a package that is not installed
     with pytest.raises(SystemExit) as exit_:
-        export_onnx.main([str(tmp_path / "missing"), str(tmp_path / "onnx")])
+        export_onnx.cli([str(tmp_path / "missing"), str(tmp_path / "onnx")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert f"error: the ONNX export needs {missing}, which is not installed; install them with pip install onnx " \

@@ -12,7 +12,7 @@ a rented GPU node breaks a days-long run:
   and a resume from the last checkpoint continues the same losses.
 
 Subprocesses write their output to files (a full pipe would block them) and run with one intra-op thread. Injected
-faults and the save delay come from minigpt.train.args.DebugHooks, switched on through MINIGPT_DEBUG_* environment variables.
+faults and the save delay come from minigpt.train.faults.DebugHooks, switched on through MINIGPT_DEBUG_* environment variables.
 """
 
 import hashlib
@@ -30,7 +30,7 @@ import pytest
 import torch
 from conftest import assert_same_weights, debug_env, free_port, losses, read_log, tiny_args, weights
 
-from minigpt.train.args import EXIT_NONFINITE
+from minigpt.train.faults import EXIT_NONFINITE
 from minigpt.train.checkpoints import latest_checkpoint
 from minigpt.train.pretrain import main
 

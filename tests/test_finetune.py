@@ -36,7 +36,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from minigpt.train import evaluation as lm_eval
 from minigpt.train import finetune
-from minigpt.train.finetune import CausalCollator
+from minigpt.train.finetune_data import CausalCollator
+from minigpt.train.summary import base_model_record
 from minigpt.train.pairs import PromptTemplate, SupervisedCollator, encode_pair
 from minigpt.train.threads import available_cores
 from minigpt.train.tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
@@ -204,7 +205,7 @@ def test_arguments_from_a_json_file_with_command_line_overrides(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_name_or_path": "m", "mode": "supervised", "learning_rate": 0.25,
                                   "lora": True, "lora_target_modules": "all-linear", "output_dir": "o"}))  # fmt: skip
-    model_args, data_args, _, training_args = finetune.parse_args([str(config), "--learning_rate", "0.5"])
+    model_args, data_args, _, training_args, _ = finetune.parse_args([str(config), "--learning_rate", "0.5"])
     assert (model_args.model_name_or_path, data_args.mode, training_args.output_dir) == ("m", "supervised", "o")
     assert model_args.lora and model_args.lora_target_modules == "all-linear"
     assert training_args.learning_rate == 0.5  # the command line wins over the file
@@ -608,7 +609,7 @@ def test_an_explicit_value_in_a_config_file_is_kept_though_it_equals_the_default
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     # not counted, so estimated: 4 steps x 4 of the 100 pairs = 0.16 epochs of their 1,306 tokens
     assert (summary["tokens"], summary["tokens_estimated"]) == (round(1306 * 0.16), True)
-    assert finetune.given_arguments([str(config), "--eval_steps=3", "--no_packing", "--threads", "2"]) == {
+    assert finetune.parse_args([str(config), "--eval_steps=3", "--no_packing", "--threads", "2"])[-1] == {
         *values, "eval_steps", "packing", "threads"}  # fmt: skip
 
 
@@ -754,8 +755,8 @@ def test_the_summary_and_card_name_the_base_model_and_what_it_was_trained_on(bas
     assert "base_model" not in card.split("---")[1] and str(tmp_path) not in card
 
     # a fine-tune of that fine-tune names the first one, fine-tuned on the pairs; a Hub id goes into the metadata
-    assert finetune.base_model_record(str(out))["base_model"]["name"] == "tiny"
-    summary["base_model"] = finetune.base_model_record("openai-community/gpt2")
+    assert base_model_record(str(out))["base_model"]["name"] == "tiny"
+    summary["base_model"] = base_model_record("openai-community/gpt2")
     (out / "training_summary.json").write_text(json.dumps(summary))
     card = str(build_model_card(out, "alice/en-fr"))
     assert "base_model: openai-community/gpt2" in card.split("---")[1]

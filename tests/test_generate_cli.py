@@ -181,7 +181,7 @@ def test_a_bare_name_an_adapter_folder_and_ctrl_c(model_dir, tmp_path, monkeypat
     import signal
     import time
 
-    from minigpt.train.finetune import apply_lora
+    from minigpt.train.lora import apply_lora
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

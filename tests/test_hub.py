@@ -24,7 +24,8 @@ from hub_server import OTHER_TOKEN, WRITE_TOKEN, hub_env, validate_card_metadata
 from transformers import GenerationConfig
 
 from minigpt.hub.model_card import build_model_card, count_parameters
-from minigpt.hub.push import check_checkpoint, push_folder
+from minigpt.folders import check_minigpt_folder
+from minigpt.hub.push import push_folder
 from minigpt.train.tokenizer import train_tokenizer
 from modeling_minigpt import MiniGPTForCausalLM
 
@@ -448,19 +449,19 @@ def test_a_readme_written_by_hand_is_kept(checkpoint, tmp_path, capsys):
 
 def test_bad_folders_are_refused_with_a_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        check_checkpoint(tmp_path / "missing")
+        check_minigpt_folder(tmp_path / "missing")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="PEFT adapter.*merge_and_unload"):
-        check_checkpoint(tmp_path / "adapter")
+        check_minigpt_folder(tmp_path / "adapter")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama'"):
-        check_checkpoint(tmp_path / "llama")
+        check_minigpt_folder(tmp_path / "llama")
     tiny_config().save_pretrained(tmp_path / "bin")
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"no \.safetensors weights \(only \['pytorch_model.bin'\]\)"):
-        check_checkpoint(tmp_path / "bin")
+        check_minigpt_folder(tmp_path / "bin")
     with pytest.raises(ValueError, match="not a valid repo id"):
         push_folder(tmp_path / "bin", "a/b/c", dry_run=True)
 

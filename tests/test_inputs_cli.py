@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from minigpt.train.args import PRESETS_DIR, DebugHooks, parse_args, read_arguments
+from minigpt.train.args import PRESETS_DIR, parse_args, read_arguments
+from minigpt.train.faults import DebugHooks
 
 
 def usage_error(argv: list[str], capsys) -> str:

@@ -13,7 +13,7 @@ from finetune_helpers import EN_FR, make_checkpoint, run, weights
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from minigpt.train.finetune import DEFAULT_LORA_TARGETS, apply_lora, linear_module_names
+from minigpt.train.lora import DEFAULT_LORA_TARGETS, apply_lora, linear_module_names
 from modeling_minigpt import MiniGPTForCausalLM
 
 ADAPTED = {f"model.layers.{i}.{name}" for i in range(2)

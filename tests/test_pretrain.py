@@ -19,7 +19,9 @@ from conftest import assert_same_weights, losses, make_corpus, read_log, tiny_ar
 
 from minigpt.train.args import parse_args
 from minigpt.train.data import pack_blocks, prepare_data
-from minigpt.train.pretrain import collate, get_lr, main, training_step
+from minigpt.schedule import get_lr
+from minigpt.train.loader import collate
+from minigpt.train.pretrain import main, training_step
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]

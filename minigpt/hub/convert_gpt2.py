@@ -29,9 +29,9 @@ from pathlib import Path
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
-from minigpt.commands import interrupted, one_line
-from minigpt.train.checkpoints import load_pretrained
-from minigpt.train.sources import check_local_path
+from minigpt.commands import run_cli
+from minigpt.folders import load_pretrained
+from minigpt.sources import check_local_path
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 
 logger = logging.getLogger("minigpt.hub.convert_gpt2")
@@ -273,20 +273,14 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s: %(message)s")  # the warnings of what the conversion dropped
     convert = minigpt_to_gpt2 if args.reverse else gpt2_to_minigpt
-    try:
-        model = convert(args.src, args.dst)
-    except (ValueError, KeyError, OSError) as e:  # bad input, an unreachable Hub: the message says what to do
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) wraps it in quotes
-        raise SystemExit(f"convert_gpt2: error: {one_line(message)}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(interrupted("convert_gpt2")) from None
+    model = convert(args.src, args.dst)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {type(model).__name__} ({n_params:,} parameters) to {os.path.abspath(args.dst)}")
 
 
-def cli() -> None:
-    """The `minigpt-convert-gpt2` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-convert-gpt2` console script. Bad input and an unreachable Hub end in one line that says what to do."""
+    run_cli("convert_gpt2", main, argv, errors=(ValueError, KeyError, OSError))
 
 
 if __name__ == "__main__":

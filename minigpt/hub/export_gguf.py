@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from minigpt.hub.export_onnx import load_model
+from minigpt.commands import run_cli
+from minigpt.folders import load_minigpt
 
 logger = logging.getLogger("minigpt.hub.export_gguf")
 
@@ -160,12 +161,15 @@ def export(
     model_dir: str | Path, out_file: str | Path, outtype: str = "f32", tokenizer_dir: str | Path | None = None
 ) -> dict:
     """Write `out_file` (GGUF) from a MiniGPT checkpoint folder; returns {"arch", "tensors", "seconds"}."""
-    import gguf  # optional: the dev extra (pip install -e '.[dev]') or pip install gguf
+    try:
+        import gguf  # optional: the dev extra (pip install -e '.[dev]') or pip install gguf
+    except ImportError as error:
+        raise ImportError(f"{error}; install it with pip install gguf==0.19.0") from None
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype={outtype!r} is unknown; use one of {list(OUTTYPES)}.")
     start = time.perf_counter()
-    model = load_model(model_dir)
+    model = load_minigpt(model_dir)
     config = model.config
     arch = check_exportable(config)  # refuse before reading the tokenizer or writing anything
     vocab = tokenizer_metadata(load_tokenizer(Path(model_dir), tokenizer_dir), config.vocab_size)
@@ -225,21 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
-    try:
-        result = export(args.model_dir, args.out_file, args.outtype, args.tokenizer)
-    except ImportError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}; install it with pip install gguf==0.19.0\n")
-    except (FileNotFoundError, ValueError) as error:  # a bad folder or a model llama.cpp can't run: no traceback
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    result = export(args.model_dir, args.out_file, args.outtype, args.tokenizer)
     logger.info(
         "wrote %s (arch %s, %d tensors) in %.1f s", args.out_file, result["arch"], result["tensors"], result["seconds"]
     )
     return result
 
 
-def cli() -> None:
-    """The `minigpt-export-gguf` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-export-gguf` console script: a bad folder, a model llama.cpp can't run or a missing package is
+    one line, exit status 2."""
+    run_cli("export_gguf", main, argv, errors=(FileNotFoundError, ValueError, ImportError), status=2)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ gives the same tokens as `model.generate(do_sample=False)`.
 
 import argparse
 import importlib.util
-import json
 import logging
 import time
 import warnings
@@ -35,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
+from minigpt.commands import run_cli
+from minigpt.folders import load_minigpt
 from modeling_minigpt.modeling_minigpt import CACHE_NAME
 
 logger = logging.getLogger("minigpt.hub.export_onnx")
@@ -81,26 +81,10 @@ class CachedLM(nn.Module):
         return (out.logits, *present)  # logits (B, T, V)
 
 
-def load_model(model_dir: str | Path) -> nn.Module:
-    """The MiniGPT causal LM of a checkpoint folder, in eval mode on the CPU, fp32."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; pass a MiniGPT checkpoint folder (the output_dir of "
-                                "minigpt.train.pretrain or minigpt.train.finetune, or of save_pretrained).")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json, so it is not a saved model; pass the folder that "
-                                "save_pretrained wrote (with config.json and model.safetensors), e.g. a checkpoint-N.")
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    if model_type != "minigpt":
-        raise ValueError(f"{folder} holds a {model_type!r} model, not MiniGPT; convert it first "
-                         "(python -m minigpt.hub.convert_gpt2 for GPT-2).")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
 def export(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> dict[str, float]:
     """Write out_dir/model.onnx (prefill) and out_dir/model_with_past.onnx (decode); returns seconds per file."""
     require("onnx", "onnxscript")  # torch.onnx.export(dynamo=True) imports both
-    model = load_model(model_dir)
+    model = load_minigpt(model_dir)
     config = model.config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,18 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.setLevel(logging.INFO)
     # the exporter lists every torchvision op it skips when torchvision is absent, which MiniGPT never uses
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    try:
-        seconds = export(args.model_dir, args.out_dir, args.opset)
-    except (FileNotFoundError, ValueError, ImportError) as error:  # a bad folder, a missing package: no traceback
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    seconds = export(args.model_dir, args.out_dir, args.opset)
     for name, s in seconds.items():
         logger.info("wrote %s in %.1f s", Path(args.out_dir) / name, s)
     return seconds
 
 
-def cli() -> None:
-    """The `minigpt-export-onnx` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-export-onnx` console script: a bad folder or a missing package is one line, exit status 2."""
+    run_cli("export_onnx", main, argv, errors=(FileNotFoundError, ValueError, ImportError), status=2)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ datasets, a complete `model-index`), then a body with an architecture table, tra
 limitations. Nothing here touches the network, so a card can be printed with `python -m minigpt.hub.push --dry-run`.
 
 Training details are read from whatever the folder holds, first match wins per fact:
-    training_summary.json   a record of the run (keys below), for facts no log holds (data, hardware);
+    training_summary.json   the record both training scripts write (minigpt/train/summary.py), for facts no log
+                            holds (data, hardware);
     all_results.json, train_results.json, eval_results.json
                             what transformers' Trainer writes with `save_metrics` (minigpt/train/finetune.py);
     log.jsonl               minigpt/train/pretrain.py's log: {"step", "loss", "lr", "tokens_seen", ...} and
                             {"step", "val_loss", "val_perplexity"} lines;
-    train_state.json        minigpt/train/pretrain.py's checkpoint record (or the newest checkpoints/step-N's): data,
-                            schedule (the peak rate reached is computed with its get_lr), steps, tokens seen;
+    train_state.json        minigpt/train/pretrain.py's resume state (or the newest checkpoints/step-N's), for folders
+                            written before pretraining wrote training_summary.json: data, schedule (the peak rate
+                            reached is worked out with minigpt/schedule.py), steps, tokens seen;
     trainer_state.json      Trainer's `save_state`: the log history, num_input_tokens_seen (read here, never
                             published: minigpt.hub.push keeps it local);
     *.png                   images, shown in the card (a name with "loss" in it is the loss curve).
@@ -31,6 +33,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
+
+from minigpt.schedule import peak_lr
 
 # Marks a README.md this module wrote (or Trainer's automatic card): `minigpt.hub.push` may regenerate those, but it keeps
 # a README.md without either marker, since a person wrote it.
@@ -117,7 +121,7 @@ def read_training_info(folder: Path) -> dict:
         elif loop.get("corpus"):  # no --data: pretraining names the built-in corpus it used
             raw.setdefault("data", loop["corpus"])
         train = args.get("train") or {}
-        peak = pretrain_peak_learning_rate(train, state.get("step"))  # None: an incomplete record, take the configured
+        peak = peak_lr(state.get("step"), train)  # None: an incomplete record, take the configured
         for ours, value in (("learning_rate", train.get("learning_rate") if peak is None else peak),
                             ("configured_learning_rate", train.get("learning_rate")),
                             ("warmup_steps", train.get("warmup_steps")), ("step", state.get("step")),
@@ -154,22 +158,7 @@ def read_training_info(folder: Path) -> dict:
     return info
 
 
-def pretrain_peak_learning_rate(train: dict, steps: int | None) -> float | None:
-    """The highest rate minigpt.train.pretrain's schedule (get_lr, a pure function of the step) gave any of the
-    `steps` steps run, from the arguments saved in train_state.json; None when they are incomplete. Below
-    --learning_rate when the run ended inside the warmup (warmup_steps >= max_steps, or --stop_at_step)."""
-    if not steps:
-        return None
-    # only here: pretrain brings torch and accelerate, which a card without a train_state.json does not need
-    from minigpt.train.pretrain import SCHEDULE, get_lr  # SCHEDULE: get_lr's arguments by their argument names
-
-    if any(train.get(name) is None for name in SCHEDULE):
-        return None
-    kwargs = {ours: train[name] for name, ours in SCHEDULE.items()}
-    return max(get_lr(step, **kwargs) for step in range(steps))
-
-
-def base_model_record(base) -> dict | None:
+def as_base_record(base) -> dict | None:
     """training_summary.json's base_model as a record: an older summary holds a bare Hub id."""
     if isinstance(base, str) and base:
         return {"name": base, "hub": True}
@@ -248,7 +237,7 @@ def build_model_card(
     n_params, dtype = count_parameters(folder)
     name = repo_id.split("/")[-1]
     datasets = list(dict.fromkeys([*(datasets or []), *(info.get("datasets") or [])]))  # ordered, no duplicates
-    base = info["base_model"] = base_model_record(info.get("base_model"))
+    base = info["base_model"] = as_base_record(info.get("base_model"))
 
     eval_results = None
     # the evaluation data: what the checkpoint says it was evaluated or trained on, else what the caller names

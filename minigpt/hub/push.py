@@ -14,7 +14,6 @@ matches the repository. The token comes from `token=`, HF_TOKEN or `hf auth logi
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -25,12 +24,12 @@ from pathlib import Path
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers.dynamic_module_utils import get_relative_import_files
 
+from minigpt.commands import run_cli
+from minigpt.folders import check_minigpt_folder, has_remote_code, write_model_code
 from minigpt.hub.model_card import build_model_card, is_generated
-from minigpt.train.checkpoints import write_model_code
+from minigpt.sources import hub_access_problem
 from modeling_minigpt import MiniGPTConfig
-from modeling_minigpt.configuration_minigpt import AUTO_MAP
 
 # Top-level files that are published, by suffix; anything else (optimizer.pt, training_args.bin, ...) stays local.
 PUSHED_SUFFIXES = (
@@ -56,45 +55,6 @@ LOCAL_FILES = ("trainer_state.json",)
 DEFAULT_COMMIT_MESSAGE = "Upload MiniGPT checkpoint with minigpt/hub/push.py"
 
 
-def check_checkpoint(folder: Path) -> dict:
-    """The folder's config.json, after checking the folder is a MiniGPT checkpoint in safetensors."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; pass the checkpoint folder written by save_pretrained.")
-    if not (folder / "config.json").is_file():
-        if any(folder.glob("adapter_config.json")) or any(folder.glob("*/adapter_config.json")):
-            raise ValueError(
-                f"{folder} holds a PEFT adapter, not a full model; merge it first "
-                "(model.merge_and_unload().save_pretrained(dir)) and push that folder."
-            )
-        raise FileNotFoundError(f"{folder} has no config.json; pass the folder written by model.save_pretrained().")
-    config = json.loads((folder / "config.json").read_text())
-    if config.get("model_type") != "minigpt":
-        raise ValueError(
-            f"{folder}/config.json has model_type={config.get('model_type')!r}; minigpt/hub/push.py publishes MiniGPT "
-            "checkpoints (model_type 'minigpt'). Use `hf upload` for other models."
-        )
-    if not any(folder.glob("*.safetensors")):
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        raise FileNotFoundError(
-            f"{folder} has no .safetensors weights{f' (only {found})' if found else ''}; re-save the model with "
-            "model.save_pretrained(folder), which writes model.safetensors."
-        )
-    return config
-
-
-def has_remote_code(folder: Path, config: dict) -> bool:
-    """Does config.json map every MiniGPT Auto class to code files that are present in the folder, together with
-    the files those import relatively (chunked_loss.py, input_checks.py)?"""
-    auto_map = config.get("auto_map") or {}
-    if not all(key in auto_map for key in AUTO_MAP):
-        return False
-    modules = {ref.split("--")[-1].split(".")[0] for ref in auto_map.values() if isinstance(ref, str)}
-    files = [folder / f"{module}.py" for module in modules]
-    if not all(path.is_file() for path in files):
-        return False
-    return all(Path(needed).is_file() for path in files for needed in get_relative_import_files(path))
-
-
 def stage_files(folder: Path, stage: Path) -> tuple[list[str], list[str]]:
     """Fill `stage` with the files to publish: weights as symlinks (big, never written to), the rest as copies.
     Returns (published names, names left out)."""
@@ -112,17 +72,6 @@ def stage_files(folder: Path, stage: Path) -> tuple[list[str], list[str]]:
             shutil.copyfile(path, stage / path.name)
         pushed.append(path.name)
     return pushed, skipped
-
-
-def hub_access_problem(token: str | None = None) -> str | None:
-    """Why a push cannot reach the Hub now, or None: offline mode, or no token. push_folder checks it, and the
-    training scripts check it before they train (`--push_to_hub`), not after."""
-    if getattr(constants, "HF_HUB_OFFLINE", False):
-        return ("HF_HUB_OFFLINE is set, so huggingface_hub may not reach the Hub; unset it (and TRANSFORMERS_OFFLINE) "
-                "to push")  # fmt: skip
-    if not (token or get_token()):
-        return "No Hugging Face token found: run `hf auth login` (with a token that can write) or set HF_TOKEN"
-    return None
 
 
 def push_folder(
@@ -144,7 +93,7 @@ def push_folder(
     except HFValidationError as e:
         raise ValueError(f"{repo_id!r} is not a valid repo id ({e}); use 'name' or 'namespace/name'.") from None
     folder = Path(folder)
-    config = check_checkpoint(folder)
+    config = check_minigpt_folder(folder)
 
     api = None
     if not dry_run:
@@ -251,26 +200,23 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--dataset", action="append", default=None, help="Hub dataset id for the card; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the file list and the card; no network")
     args = parser.parse_args(argv)
-    try:
-        url = push_folder(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            dry_run=args.dry_run,
-            license=args.license,
-            datasets=args.dataset,
-        )
-    except (PermissionError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    url = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+        license=args.license,
+        datasets=args.dataset,
+    )
     if not args.dry_run:
         print(f"pushed {args.folder} to {url}")
 
 
-def cli() -> None:
-    """The `minigpt-push` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-push` console script."""
+    run_cli("push", main, argv, errors=(PermissionError, ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

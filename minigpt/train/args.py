@@ -4,13 +4,12 @@ file or preset over the defaults) and validation that reports every bad value at
 
 DataArguments lives with the data pipeline in minigpt/train/data.py; the model's defaults and choices come from
 MiniGPTConfig. build_config turns the arguments into a MiniGPTConfig (check_args builds one too, so that a bad
-shape is a usage error, not a crash after the data is tokenized). DebugHooks are the fault tests' switches, read
-from the environment, never from the command line.
+shape is a usage error, not a crash after the data is tokenized). A --resume reads its checkpoint's record once
+(minigpt/train/resume.py).
 """
 
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,14 +17,15 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
-from minigpt.train.checkpoints import is_checkpoint, latest_checkpoint
+from minigpt.schedule import lr_of
 from minigpt.train.data import DataArguments, DataError, check_data_arguments
+from minigpt.train.faults import EXIT_NONFINITE
+from minigpt.train.resume import Resume, UsageError
 from minigpt.train.tokenizer import special_token_ids
 from modeling_minigpt import MiniGPTConfig
 from modeling_minigpt.configuration_minigpt import NORM_POSITIONS, POSITION_EMBEDDING_TYPES
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs" / "presets"  # argument presets (accelerate's: ../accelerate)
-EXIT_NONFINITE = 3  # exit status of a run stopped by NaN/inf (here: --skip_nonfinite's help names it)
 
 
 def arg(default, help: str, **metadata):
@@ -137,69 +137,21 @@ class TrainArguments:
     hub_private: bool = arg(False, "Create the Hub repo as private.")
 
 
-class UsageError(ValueError):
-    """A bad argument combination; the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class DebugHooks:
-    """Test hooks for the fault tests, kept off the command line and out of --help. Each comes from an environment
-    variable, MINIGPT_DEBUG_ + the field's name in capitals, read once, by pretrain's setup():
-
-        MINIGPT_DEBUG_INJECT_NONFINITE_AT_STEP=N  make optimizer step N non-finite (0 = never), where
-        MINIGPT_DEBUG_INJECT_NONFINITE_INTO=...   loss (NaN), grads (a NaN gradient under a finite loss), weights
-                                                  or optimizer_state (an inf after the update) says
-        MINIGPT_DEBUG_SAVE_DELAY=S                sleep S seconds between writing a checkpoint's temporary folder
-                                                  and its rename (a window to SIGKILL the save in)
-        MINIGPT_DEBUG_RANK_DUMPS=1                each rank writes the ids of the training blocks it consumed and a
-                                                  hash of its final weights to <output_dir>/debug/rank<R>.json
-    """
-
-    inject_nonfinite_at_step: int = 0
-    inject_nonfinite_into: str = "loss"
-    save_delay: float = 0.0
-    rank_dumps: bool = False
-
-    INJECT_INTO = ("loss", "grads", "weights", "optimizer_state")
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "DebugHooks":
-        """The hooks that `environ` (default: os.environ, read now) switches on; a bad value stops the run."""
-        environ, values, problems = os.environ if environ is None else environ, {}, []
-        for f in fields(cls):
-            name = f"MINIGPT_DEBUG_{f.name.upper()}"
-            raw = environ.get(name)
-            if raw is None:
-                continue
-            try:
-                values[f.name] = value = _BOOLS[raw.lower()] if f.type is bool else f.type(raw)
-            except (KeyError, ValueError):
-                problems.append(f"{name}={raw!r} is not of type {f.type.__name__}.")
-                continue
-            if f.name == "inject_nonfinite_into" and value not in cls.INJECT_INTO:
-                problems.append(f"{name}={raw!r} is not one of {cls.INJECT_INTO}.")
-            elif f.type in (int, float) and not (math.isfinite(value) and value >= 0):
-                problems.append(f"{name}={raw!r} must be a finite number >= 0.")
-        if problems:
-            raise SystemExit("pretrain: error: " + " ".join(problems))
-        return cls(**values)
-
-
-_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
-
-
 class ConfigError(ValueError):
     """A config file that is not a mapping of known argument names to values."""
 
 
-def read_arguments(parser: HfArgumentParser, argv: list[str], config: str | Path | None = None) -> tuple:
+def read_arguments(
+    parser: HfArgumentParser, argv: list[str], config: str | Path | None = None, given: set[str] | None = None
+) -> tuple:
     """The parser's dataclasses from `argv` over the values of the YAML/JSON file `config` over the defaults: the one
     way minigpt/train/pretrain.py and minigpt/train/finetune.py read a config file.
 
     The file's values go in as if typed before the command line, so argparse checks their types, choices and lists
     (parser.set_defaults would not: `max_steps: null` or `data: a.txt` broke deep inside), and the command line
     wins. null means the default. Raises FileNotFoundError for a missing file, ConfigError for unknown keys, and
-    ValueError for tokens that belong to no flag.
+    ValueError for tokens that belong to no flag. A `given` set receives the names the file or the command line set,
+    whatever their value (`logging_steps: 500` in a file is a choice, not the default).
     """
     if config is not None:
         path = Path(config).expanduser()
@@ -213,7 +165,18 @@ def read_arguments(parser: HfArgumentParser, argv: list[str], config: str | Path
         if unknown:
             raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help.")
         argv = _config_argv(values) + list(argv)
+    if given is not None:
+        given |= _named_in(parser, argv)
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _named_in(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """The fields `argv` sets, whatever their value: parsed once more over a default that no flag gives (on a parser of
+    its own, since set_defaults changes a parser)."""
+    probe, unset = HfArgumentParser(parser.dataclass_types), object()
+    probe.set_defaults(**{f.name: unset for dc in parser.dataclass_types for f in fields(dc)})
+    namespace, _ = probe.parse_known_args(argv)
+    return {name for name, value in vars(namespace).items() if value is not unset}
 
 
 def _config_argv(values: dict) -> list[str]:
@@ -232,19 +195,26 @@ def _config_argv(values: dict) -> list[str]:
 def parse_args(
     argv: list[str] | None = None, description: str | None = None, epilog: str | None = None
 ) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    """Command line over an optional --config file or preset over the defaults; every problem reported at once.
+    """Command line over an optional --config file or preset over the defaults; every problem reported at once."""
+    return parse_run(argv, description, epilog)[:3]
 
-    `description` and `epilog` frame --help; minigpt/train/pretrain.py passes the parts of its own docstring.
-    """
+
+def parse_run(
+    argv: list[str] | None = None, description: str | None = None, epilog: str | None = None
+) -> tuple[ModelArguments, DataArguments, TrainArguments, Resume | None]:
+    """parse_args, and with --resume the checkpoint's record (read once), whose arguments are the defaults that the
+    command line overrides. `description` and `epilog` frame --help; minigpt/train/pretrain.py passes the parts of its
+    own docstring."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=description, epilog=epilog)
     argv = list(sys.argv[1:] if argv is None else argv)
+    resume = None
     try:
         model_args, data_args, train_args = read_arguments(parser, argv, _config_path(parser, argv))
         if train_args.resume:  # again, over the checkpoint's arguments instead of the defaults
-            checkpoint = find_resume_checkpoint(train_args.resume, train_args.output_dir)
-            parser.set_defaults(**resume_defaults(parser, checkpoint))
+            resume = Resume.find(train_args.resume, train_args.output_dir)
+            parser.set_defaults(**resume.defaults({f.name for dc in parser.dataclass_types for f in fields(dc)}))
             model_args, data_args, train_args = read_arguments(parser, argv, _config_path(parser, argv))
-            train_args.resume = str(checkpoint)
+            train_args.resume = str(resume.folder)
     except UsageError as e:
         parser.error(str(e))
     except ConfigError as e:
@@ -255,45 +225,7 @@ def parse_args(
         check_args(model_args, data_args, train_args)
     except (UsageError, DataError) as e:
         parser.error(str(e))
-    return model_args, data_args, train_args
-
-
-NOT_RESUMED = ("resume", "overwrite_output_dir", "stop_at_step", "config")  # what one invocation says, never saved
-
-
-def find_resume_checkpoint(resume: str, output_dir: str) -> Path:
-    """The step-N folder that --resume names: itself, the latest in <folder>/checkpoints (or in <folder>), or with
-    'latest' the latest of <output_dir>/checkpoints. UsageError where there is nothing to resume."""
-    path = Path(output_dir if resume == "latest" else resume).expanduser().resolve()
-    if is_checkpoint(path):
-        return path
-    if not path.is_dir():
-        raise UsageError(
-            f"--resume {resume!r} is not a checkpoint: there is no folder {path}, so nothing to resume. Pass an "
-            "output folder or a step-N folder of an earlier run, or leave --resume out to start a new one."
-        )
-    found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
-    if found is None:
-        raise UsageError(
-            f"--resume {resume!r}: there is nothing to resume in {path} (no complete checkpoints/step-N folder "
-            "with train_state.json). Check the path, or leave --resume out to start a new run."
-        )
-    return found
-
-
-def resume_defaults(parser: HfArgumentParser, checkpoint: Path) -> dict:
-    """The arguments the run of `checkpoint` was started with, as parser defaults (flags still override them);
-    --output_dir defaults to the folder that holds checkpoints/step-N."""
-    try:
-        saved = json.loads((checkpoint / "train_state.json").read_text())["args"]
-        values = {k: v for group in saved.values() for k, v in group.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {checkpoint / 'train_state.json'} is unreadable ({e!r}).") from None
-    known = {f.name for dc in parser.dataclass_types for f in fields(dc)} - set(NOT_RESUMED)
-    values = {k: v for k, v in values.items() if k in known}
-    if checkpoint.parent.name == "checkpoints":
-        values["output_dir"] = str(checkpoint.parent.parent)
-    return values
+    return model_args, data_args, train_args, resume
 
 
 def _config_path(parser: HfArgumentParser, argv: list[str]) -> Path | None:
@@ -350,7 +282,6 @@ def check_args(model: ModelArguments, data: DataArguments, train: TrainArguments
 def _check_model_and_outputs(model: ModelArguments, data: DataArguments, train: TrainArguments) -> list[str]:
     """What the range checks let through and would fail (or silently misbehave) only later in the run."""
     from accelerate.utils import LoggerType
-    from huggingface_hub.utils import validate_repo_id
 
     problems = []
     if model.n_positions is not None and model.n_positions < 1:
@@ -363,19 +294,11 @@ def _check_model_and_outputs(model: ModelArguments, data: DataArguments, train: 
     trackers = sorted({t.value for t in LoggerType} | {"none"})
     if train.report_to not in trackers:
         problems.append(f"--report_to {train.report_to!r} is not an accelerate tracker; use one of {trackers}.")
-    if train.push_to_hub and not train.hub_model_id:
-        problems.append("--push_to_hub needs --hub_model_id user/name.")
-    elif train.push_to_hub:
-        try:
-            validate_repo_id(train.hub_model_id)
-        except ValueError as e:  # HFValidationError; caught now, not after the whole run
-            problems.append(f"--hub_model_id {train.hub_model_id!r} is not a Hub repo id ({e}). Use user/name.")
-        from minigpt.hub.push import hub_access_problem  # what push_folder would refuse after the run, now
+    if train.push_to_hub:
+        from minigpt.sources import push_problem  # what the push would refuse after the run, now
 
-        problem = hub_access_problem()
-        if problem:
-            problems.append(f"--push_to_hub: {problem}; or drop --push_to_hub and publish the finished folder with "
-                            "minigpt-push OUTPUT_DIR REPO_ID.")  # fmt: skip
+        problem = push_problem(train.hub_model_id)
+        problems += [problem] if problem else []
     return problems
 
 
@@ -394,6 +317,18 @@ def adapt_recipe(model: ModelArguments, train: TrainArguments) -> str | None:
     )
     train.warmup_steps = warmup
     return note
+
+
+def warmup_warning(args: TrainArguments) -> str | None:
+    """A line to print where the warmup covers the whole run: the LR then only rises, and never decays."""
+    if args.warmup_steps < args.max_steps:
+        return None
+    last_lr = lr_of(args.max_steps - 1, asdict(args))
+    return (
+        f"warning: --warmup_steps {args.warmup_steps} >= --max_steps {args.max_steps}: the learning rate rises the "
+        f"whole run, to {last_lr:.3g} at the last step, and never reaches --learning_rate {args.learning_rate:g} or "
+        "decays. Lower --warmup_steps or raise --max_steps."
+    )
 
 
 def build_config(model: ModelArguments, data: DataArguments, vocab_size: int, tokenizer=None) -> MiniGPTConfig:

@@ -1,6 +1,5 @@
 """Checkpoint folders of pretraining (minigpt/train/pretrain.py): where they live, how they are written, found, checked
-and pruned; and `load_pretrained`, which every script and minigpt/hub/ use to load a model folder with a clear error for
-a damaged file.
+and pruned. (Model folders in general are minigpt/folders.py's.)
 
     <output_dir>/checkpoints/step-<N>/   accelerate save_state + train_state.json + config, code and tokenizer
     <output_dir>/checkpoints/.tmp-step-<N>/, .old-step-<N>/   an interrupted save's leftovers, removed at the start
@@ -9,14 +8,12 @@ a damaged file.
 and deletes it there; a leftover of a crash halfway is deleted at the next start.
 
 A save writes `.tmp-step-N` and renames it to `step-N` only once every process has written its part, so a folder
-named step-N is always complete; SIGTERM/SIGINT set a flag that the loop reads after its current optimizer step.
+named step-N is always complete.
 """
 
-import json
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +21,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+
+from minigpt.folders import check_weight_file
 
 # What a run writes into <output_dir>, weights first: --overwrite_output_dir moves these out of the way in this order
 # (each a rename), so that a crash halfway leaves no earlier run's final weights beside a new run's files.
@@ -121,50 +120,6 @@ def check_state_files(folder: Path) -> None:
             ) from None
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files from_pretrained reads in `folder`: model.safetensors, or the shards of its index."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:  # cut short, or not the index format
-            raise OSError(f"{index} is truncated or corrupted ({err!r}); restore it or save the model again.") from err
-    else:
-        names = ["model.safetensors"]
-    return [folder / name for name in names if (folder / name).is_file()]
-
-
-def check_weight_file(path: Path) -> None:
-    """Raise an OSError naming `path` unless it is a complete safetensors file. Reads the header only: safetensors
-    checks there that the tensors it lists cover the file exactly, which a truncated file fails. (A flipped bit
-    inside tensor data goes unseen: the format has no checksum.)"""
-    try:
-        with safe_open(path, framework="pt"):
-            pass
-    except SafetensorError as err:
-        raise OSError(
-            f"{path} is truncated or corrupted ({err}): it is not a complete safetensors file. Restore it from a "
-            "copy or save the model again; from a training run, resume from an earlier checkpoint."
-        ) from err
-
-
-def load_pretrained(model_class, name_or_path: str | Path, **kwargs):
-    """`model_class.from_pretrained(name_or_path, **kwargs)` (an Auto class or a model class), with one check first:
-    a truncated or corrupted weight file (a save killed halfway, a partial copy, a full disk) fails with an error
-    that names the file, where safetensors' own ("incomplete metadata, file not fully covered") names none."""
-    folder = Path(name_or_path, kwargs.get("subfolder") or "")
-    if folder.is_dir():
-        for path in weight_files(folder):
-            check_weight_file(path)
-    try:
-        return model_class.from_pretrained(name_or_path, **kwargs)
-    except SafetensorError as err:  # a file from the Hub cache
-        raise OSError(
-            f"A weight file of {str(name_or_path)!r} is truncated or corrupted ({err}); download it again with "
-            "from_pretrained(..., force_download=True)."
-        ) from err
-
-
 def save_checkpoint(
     accelerator: Accelerator,
     write_files: Callable[[Path], None],
@@ -225,21 +180,6 @@ def save_checkpoint(
     return None if failed else final
 
 
-def write_model_code(config, folder: Path) -> list[str]:
-    """config.json with an auto_map naming every MiniGPT class, and the code files (modeling_minigpt.py with what it
-    imports relatively, configuration_minigpt.py), as save_pretrained writes them: the folder then loads through
-    every Auto class with trust_remote_code. Returns the names of the files written."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    from modeling_minigpt import MiniGPTForCausalLM  # here, not at the top: loading needs no package (see tests)
-    from modeling_minigpt.configuration_minigpt import AUTO_MAP
-
-    config.auto_map = dict(AUTO_MAP)  # a config loaded from an older checkpoint may name only some classes
-    written = custom_object_save(MiniGPTForCausalLM, folder)  # modeling_minigpt.py and its relative imports
-    config.save_pretrained(folder)  # config.json and configuration_minigpt.py
-    return sorted({"config.json", "configuration_minigpt.py", *(Path(path).name for path in written)})
-
-
 def _prune(root: Path, keep_last: int) -> None:
     steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name)))
     for _, path in steps[:-keep_last]:
@@ -252,29 +192,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def install_signal_handlers() -> dict:
-    """SIGTERM/SIGINT set a flag that the loop reads after the current optimizer step; a second SIGINT aborts."""
-    stop = {"signal": None, "previous": {}}
-
-    def handler(signum, frame):
-        if signum == signal.SIGINT and stop["signal"] is not None:
-            raise KeyboardInterrupt
-        if stop["signal"] is None:
-            stop["signal"] = signum
-            print(
-                f"\nReceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                "(press Ctrl-C again to abort without saving).",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        stop["previous"][sig] = signal.signal(sig, handler)
-    return stop
-
-
-def restore_signal_handlers(stop: dict) -> None:
-    for sig, previous in stop["previous"].items():
-        signal.signal(sig, previous)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from minigpt.commands import command
+from minigpt.commands import command, run_cli
 from minigpt.train import generate, pretrain
 from minigpt.train.args import parse_args
-from minigpt.train.checkpoints import latest_checkpoint, load_pretrained
+from minigpt.folders import load_pretrained
+from minigpt.train.checkpoints import latest_checkpoint
 from minigpt.train.data import prepare_data, unigram_perplexity
 
 # What the demo passes to minigpt.train.pretrain before the user's own flags, which override these values (a
@@ -151,9 +152,9 @@ def interrupted(out: Path, output_dir: str, extra: list[str]) -> int:
     return 130
 
 
-def cli() -> None:
-    """The `minigpt-demo` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-demo` console script."""
+    run_cli("demo", main, argv)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
-from minigpt.commands import interrupted, one_line
-from minigpt.train.checkpoints import load_pretrained
+from minigpt.commands import run_cli
+from minigpt.folders import load_pretrained
 from minigpt.train.data import read_rows
 from minigpt.train.metrics import load_metric
 from minigpt.train.pairs import (
@@ -39,7 +39,7 @@ from minigpt.train.pairs import (
     text_field_error,
     unescape,
 )
-from minigpt.train.sources import adapter_base, check_model_path
+from minigpt.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
 from minigpt.train.tokenizer import check_vocab, context_length, load_tokenizer, special_token_ids, tokenizer_source
 
@@ -369,14 +369,9 @@ def main(argv=None) -> list[dict]:
     return results
 
 
-def cli() -> None:
-    """The `minigpt-evaluate` console script: main(), whose return value would otherwise become the exit status."""
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
-        raise SystemExit(f"evaluation: error: {one_line(error)}") from None
-    except KeyboardInterrupt:  # Ctrl-C: nothing is written before the end, so there is nothing to resume
-        raise SystemExit(interrupted("evaluation")) from None
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-evaluate` console script."""
+    run_cli("evaluation", main, argv)
 
 
 if __name__ == "__main__":

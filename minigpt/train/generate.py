@@ -26,10 +26,10 @@ import torch
 from transformers import AutoModelForCausalLM, TextStreamer, set_seed
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
-from minigpt.commands import interrupted, one_line
-from minigpt.train.checkpoints import load_pretrained
+from minigpt.commands import run_cli
+from minigpt.folders import load_pretrained
 from minigpt.train.pairs import ESCAPES_HELP, TEMPLATE_FILE, PromptTemplate, unescape
-from minigpt.train.sources import adapter_base, check_model_path
+from minigpt.sources import adapter_base, check_model_path
 from minigpt.train.threads import THREADS_HELP, set_threads
 from minigpt.train.tokenizer import context_length, load_tokenizer, special_token_ids, tokenizer_source
 
@@ -192,14 +192,9 @@ def main(argv: list[str] | None = None) -> str:
     return text
 
 
-def cli() -> None:
-    """The `minigpt-generate` console script: main(), whose return value would otherwise become the exit status."""
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input: its message names the fix, so one line as argparse's own
-        raise SystemExit(f"generate: error: {one_line(error)}") from None
-    except KeyboardInterrupt:  # Ctrl-C while loading or generating: one line, the exit status of SIGINT
-        raise SystemExit(interrupted("generate")) from None
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-generate` console script."""
+    run_cli("generate", main, argv)
 
 
 if __name__ == "__main__":

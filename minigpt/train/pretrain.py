@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import shlex
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,68 +40,36 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, TorchDynamoPlugin, set_seed
 from safetensors import SafetensorError
 from torch.distributed.fsdp import FSDPModule
-from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 
-from minigpt.commands import command
-from minigpt.train.args import (
-    EXIT_NONFINITE,
-    NOT_RESUMED,
-    DebugHooks,
-    TrainArguments,
-    adapt_recipe,
-    build_config,
-    parse_args,
-)
-from minigpt.train.checkpoints import (
-    check_state_files,
-    install_signal_handlers,
-    latest_checkpoint,
-    prepare_checkpoint_root,
-    restore_signal_handlers,
-    save_checkpoint,
-    write_model_code,
-)
+from minigpt.commands import command, run_cli
+from minigpt.flops import count_params, flops_per_token, lookup_peak_tflops, mfu
+from minigpt.folders import write_model_code
+from minigpt.schedule import get_lr
+from minigpt.train.args import TrainArguments, adapt_recipe, build_config, parse_run, warmup_warning
+from minigpt.train.checkpoints import latest_checkpoint, prepare_checkpoint_root, save_checkpoint
 from minigpt.train.data import DataError, PreparedData, prepare_data
-from minigpt.train.monitoring import (
-    RunLog,
-    count_params,
-    describe_hardware,
-    dump_rank,
-    flops_per_token,
-    lookup_peak_tflops,
-    mfu,
-    plot_losses,
-)
+from minigpt.train.faults import DebugHooks, NonFiniteLoss, StopOnSignal, dump_rank, nonfinite_state
+from minigpt.train.loader import step_batches, steps_per_epoch
+from minigpt.train.monitoring import RunLog, describe_hardware, plot_losses
 from minigpt.train.sharding import (
     SHARDED_DIR,
     check_deepspeed_request,
-    choose_sharding,
     full_state_dict,
     full_value,
     load_sharded,
     local,
-    local_share,
+    prepare,
     save_full_model,
     save_sharded,
-    shard,
 )
+from minigpt.train.summary import pretrain_summary, write_summary
 from minigpt.train.threads import set_threads
 from minigpt.train.tokenizer import special_token_ids
 from modeling_minigpt import MiniGPTForCausalLM
 
 
 # ------------------------------------------------------------------------------------------------------ setup
-def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Learning rate at optimizer step `step` (0-based): linear warmup, then cosine decay to min_lr."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / (warmup_steps + 1)
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
 def configure_optimizer(model: torch.nn.Module, args: TrainArguments, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and norms are not decayed."""
     params = dict(model.named_parameters())  # tied weights appear once
@@ -153,10 +120,10 @@ def setup(argv: list[str] | None = None) -> Run:
     """Parse arguments, then build everything fit() needs: accelerator, data, model, optimizer, resume state and the
     derived numbers, which it prints before the first step."""
     help_text = dict(description=__doc__.split("\n\n")[0], epilog=__doc__[__doc__.index("Faults:") :])
-    model_args, data_args, args = parse_args(argv, **help_text)
+    model_args, data_args, args, resume = parse_run(argv, **help_text)
     recipe_note = adapt_recipe(model_args, args)  # before saved_args: a resume derives the same schedule
     saved_args = {"model": asdict(model_args), "data": asdict(data_args), "train": asdict(args)}
-    resume_notes = check_resume(Path(args.resume), saved_args) if args.resume else []  # before any data work
+    resume_notes = resume.check(saved_args) if resume else []  # before any data work
     debug = DebugHooks.from_env()
     on_cpu = args.cpu or not _has_accelerator()
     threads = set_threads(args.cpu_threads, on_cpu=on_cpu)  # the choice finetune, evaluation and generate make
@@ -175,7 +142,7 @@ def setup(argv: list[str] | None = None) -> Run:
     # accelerate warns on every save that the tied lm_head is stored once; that is intended (the tie is declared)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     out = Path(args.output_dir).expanduser().resolve()
-    ckpt_root, resume_from = prepare_checkpoint_root(accelerator, out, args.resume, args.overwrite_output_dir)
+    ckpt_root, _ = prepare_checkpoint_root(accelerator, out, args.resume, args.overwrite_output_dir)
 
     accelerator.print(f"threads: {threads} intra-op CPU thread(s) per process (--threads)")
     for note in [recipe_note, *resume_notes, warmup_warning(args)]:
@@ -189,56 +156,19 @@ def setup(argv: list[str] | None = None) -> Run:
             raise SystemExit(f"pretrain: error: {e}") from None
     config = build_config(model_args, data_args, vocab_size=len(data.tokenizer), tokenizer=data.tokenizer)
     model = MiniGPTForCausalLM(config)
-    # sampling defaults travel with every checkpoint; transformers 5 refuses them in config.json
-    model.generation_config = GenerationConfig(
-        do_sample=True,
-        temperature=0.8,
-        top_k=50,
-        top_p=0.95,
-        max_new_tokens=256,
-        repetition_penalty=1.1,
-        use_cache=True,  # transformers' export recipes (torch.export, ExecuTorch) refuse a checkpoint without it
-        **special_token_ids(data.tokenizer),
-    )
-    sharding = choose_sharding(accelerator, args.fsdp, accelerator.mixed_precision, args.compile)
-    if sharding == "torch-fsdp2":  # accelerate would wrap the model in DDP: shard it here, and prepare nothing of it
-        shard(model)
-        optimizer = configure_optimizer(model, args, accelerator.device)  # over the sharded parameters
-        held, total = local_share(model)
-        print(f"fsdp: rank {accelerator.process_index} holds {held:,} of {total:,} parameters ({held / total:.1%}) "
-              "and their gradients and AdamW state", flush=True)  # fmt: skip
-    else:
-        optimizer = configure_optimizer(model, args, accelerator.device)
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model.generation_config = sampling_defaults(data.tokenizer)
+    make_optimizer = partial(configure_optimizer, args=args, device=accelerator.device)
+    model, optimizer, sharding = prepare(accelerator, model, make_optimizer, args.fsdp, args.compile)
 
     state = LoopState()
-    if resume_from is not None:
-        check_resume_sharding(resume_from, sharding)
-        saved = json.loads((resume_from / "train_state.json").read_text())
-        accelerator.load_state(str(resume_from))  # the RNG states; the model and AdamW too unless torch-fsdp2
+    if resume is not None:
+        resume.check_sharding(sharding)
+        accelerator.load_state(str(resume.folder))  # the RNG states; the model and AdamW too unless torch-fsdp2
         if sharding == "torch-fsdp2":
-            load_sharded(model, optimizer, resume_from / SHARDED_DIR)
-        state = LoopState(**saved["state"])  # the LR is get_lr(step): an older file's "scheduler" entry goes unread
-
-    blocks_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    if len(data.train) < blocks_per_step:
-        raise SystemExit(
-            f"pretrain: error: the training split has {len(data.train)} blocks, fewer than one optimizer step "
-            f"needs (batch_size {args.batch_size} x accumulation {args.gradient_accumulation_steps} x processes "
-            f"{accelerator.num_processes} = {blocks_per_step}). Lower --batch_size or --gradient_accumulation_steps, "
-            "or add data."
-        )
-    if resume_from is not None:
-        blocks_per_epoch = len(data.train) // blocks_per_step * blocks_per_step
-        accelerator.print(
-            f"Resumed from {resume_from} at step {state.step} of {args.max_steps}: epoch {state.epoch + 1} continues "
-            f"after {state.samples_in_epoch:,} of its {blocks_per_epoch:,} blocks."
-        )
-        if state.step >= args.max_steps:
-            accelerator.print(
-                f"resume: the checkpoint has all {args.max_steps} steps already; nothing is trained, the final model "
-                "is evaluated and saved again. Raise --max_steps to train longer."
-            )
+            load_sharded(model, optimizer, resume.folder / SHARDED_DIR)
+        state = LoopState(**resume.state)  # the LR is get_lr(step): an older file's "scheduler" entry goes unread
+    k, world = args.gradient_accumulation_steps, accelerator.num_processes
+    blocks_per_step = args.batch_size * k * world
     n_params = count_params(accelerator.unwrap_model(model))
     run = Run(
         accelerator, model, optimizer, data, args, sharding, saved_args, out, ckpt_root, state,
@@ -246,88 +176,38 @@ def setup(argv: list[str] | None = None) -> Run:
         debug=debug,
         blocks_per_step=blocks_per_step,
         tokens_per_step=blocks_per_step * data_args.block_size,
-        steps_per_epoch=len(data.train) // blocks_per_step,
+        steps_per_epoch=steps_per_epoch(len(data.train), args.batch_size, k, world),
         flops_per_token=flops_per_token(n_params, config.n_layer, config.n_embd, data_args.block_size),
         peak_tflops=args.peak_tflops or lookup_peak_tflops(accelerator.device)[0],
     )  # fmt: skip
-    print_summary(run, data_args.block_size)
+    print_summary(run, data_args.block_size, resumed_from=resume and resume.folder)
     return run
 
 
-# get_lr's arguments, by their TrainArguments names
-SCHEDULE = {"learning_rate": "max_lr", "min_learning_rate": "min_lr", "warmup_steps": "warmup_steps",
-            "max_steps": "max_steps"}  # fmt: skip
-
-
-def check_resume(checkpoint: Path, now: dict) -> list[str]:
-    """Refuse a resume that cannot continue `checkpoint` (model or data changed, a damaged state file), before any
-    data work; return the lines to print: each argument the command line overrides, and a schedule change."""
-    saved = json.loads((checkpoint / "train_state.json").read_text())
-    check_resume_compatible(saved["args"], now, checkpoint)
-    check_state_files(checkpoint)
-    step, before, after = saved["state"]["step"], saved["args"]["train"], now["train"]
-
-    def same(k: str) -> bool:  # an output_dir saved relative to where that run started counts as the same folder
-        return before[k] == after[k] or (k == "output_dir" and Path(before[k]).resolve() == Path(after[k]).resolve())
-
-    notes = [
-        f"resume: --{k} {after[k]} overrides the checkpoint's {before[k]}"
-        for k in after
-        if k in before and k not in NOT_RESUMED and not same(k)
-    ]
-    changed = [k for k in SCHEDULE if k in before and not same(k)]
-    if changed:
-        lr_then = get_lr(step, **{SCHEDULE[k]: before.get(k, after[k]) for k in SCHEDULE})
-        lr_now = get_lr(step, **{SCHEDULE[k]: after[k] for k in SCHEDULE})
-        notes.append(
-            f"schedule: changed on resume ({', '.join(f'{k} {before[k]} -> {after[k]}' for k in changed)}): the "
-            f"learning rate of step {step + 1} is {lr_now:.3g}, where the checkpoint's schedule had {lr_then:.3g}"
-        )
-    return notes
-
-
-def check_resume_sharding(checkpoint: Path, sharding: str) -> None:
-    """A checkpoint of a torch-FSDP2 run holds its training state in fsdp/, one of any other run in optimizer.bin:
-    resuming one kind as the other would lose AdamW's state, so it is refused."""
-    sharded = (checkpoint / SHARDED_DIR).is_dir()
-    if sharded != (sharding == "torch-fsdp2"):
-        saved_as, now = ("FSDP on CPU ranks", "without it") if sharded else ("without FSDP", "with FSDP on CPU ranks")
-        raise SystemExit(
-            f"pretrain: error: cannot resume from {checkpoint}: it was saved {saved_as}, and this launch runs {now}. "
-            "Launch as the checkpoint's run was (the same --fsdp or accelerate config and number of processes)."
-        )
-
-
-def warmup_warning(args: TrainArguments) -> str | None:
-    """A line to print where the warmup covers the whole run: the LR then only rises, and never decays."""
-    if args.warmup_steps < args.max_steps:
-        return None
-    last_lr = get_lr(args.max_steps - 1, args.learning_rate, args.min_learning_rate, args.warmup_steps, args.max_steps)
-    return (
-        f"warning: --warmup_steps {args.warmup_steps} >= --max_steps {args.max_steps}: the learning rate rises the "
-        f"whole run, to {last_lr:.3g} at the last step, and never reaches --learning_rate {args.learning_rate:g} or "
-        "decays. Lower --warmup_steps or raise --max_steps."
+def sampling_defaults(tokenizer) -> GenerationConfig:
+    """The generation config every checkpoint carries (transformers 5 refuses sampling defaults in config.json)."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.95,
+        max_new_tokens=256,
+        repetition_penalty=1.1,
+        use_cache=True,  # transformers' export recipes (torch.export, ExecuTorch) refuse a checkpoint without it
+        **special_token_ids(tokenizer),
     )
 
 
-def check_resume_compatible(saved: dict, now: dict, path: Path) -> None:
-    """The model and data must match the checkpoint's; training knobs (max_steps, LR, ...) may change."""
-    changed = [
-        f"{group}.{k}: {saved[group].get(k)!r} -> {v!r}"
-        for group in ("model", "data")
-        for k, v in now[group].items()
-        if k not in ("data_cache_dir", "num_proc") and saved[group].get(k) != v
-    ]
-    if changed:
-        raise SystemExit(
-            f"pretrain: error: cannot resume from {path}: the model or data arguments differ from the "
-            f"checkpoint's ({'; '.join(changed)}). Pass the same values, or start a new --output_dir."
-        )
-
-
-def print_summary(run: Run, block_size: int) -> None:
-    """Every derived number, before the first step: model and FLOPs, data, batch, schedule, device."""
-    a, info, print0 = run.args, run.data.info, run.accelerator.print
+def print_summary(run: Run, block_size: int, resumed_from: Path | None = None) -> None:
+    """Every derived number, before the first step: where a resume continues, model and FLOPs, data, batch, schedule,
+    device."""
+    a, info, print0, state = run.args, run.data.info, run.accelerator.print, run.state
+    if resumed_from is not None:
+        print0(f"Resumed from {resumed_from} at step {state.step} of {a.max_steps}: epoch {state.epoch + 1} continues "
+               f"after {state.samples_in_epoch:,} of its {run.steps_per_epoch * run.blocks_per_step:,} blocks.")
+        if state.step >= a.max_steps:
+            print0(f"resume: the checkpoint has all {a.max_steps} steps already; nothing is trained, the final model "
+                   "is evaluated and saved again. Raise --max_steps to train longer.")  # fmt: skip
     model = run.accelerator.unwrap_model(run.model)
     config, num_params = model.config, sum(p.numel() for p in model.parameters())
     k, world = a.gradient_accumulation_steps, run.accelerator.num_processes
@@ -366,7 +246,6 @@ def fit(run: Run) -> dict:
     """
     a, state, accelerator = run.args, run.state, run.accelerator
     run.log.start(keep_up_to_step=state.step or -1, hparams=run.saved_args)  # a resume drops the crashed run's tail
-    stop = install_signal_handlers()
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -376,52 +255,44 @@ def fit(run: Run) -> dict:
     run.log.bar = bar
     if state.step == 0 and a.eval_every:
         evaluate(run, whole_split=False)
-    batches, consumed = step_batches(run), []
-    status, last_saved, steps_run, train_time = "done", None, 0, 0.0
+    batches = step_batches(accelerator, run.data.train, state, a.seed, a.batch_size, a.gradient_accumulation_steps,
+                           run.steps_per_epoch)  # fmt: skip
+    status, last_saved, steps_run, train_time, consumed = "done", None, 0, 0.0, []
     window_steps, window_time = 0, 0.0  # since the last log line, for tokens/s: training time only, no eval or save
+    stop = StopOnSignal()
     try:
-        while state.step < a.max_steps:
-            t0 = time.perf_counter()
-            micro_batches = next(batches)
-            if run.debug.rank_dumps:
-                consumed += [i for b in micro_batches for i in b["block_ids"].tolist()]
-            stats, signalled = take_step(run, micro_batches, stop)
-            seconds = time.perf_counter() - t0
-            steps_run, train_time, window_steps, window_time = (
-                steps_run + 1, train_time + seconds, window_steps + 1, window_time + seconds
-            )  # fmt: skip
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
-
-            step = state.step
-            if step % a.log_every == 0 or step == a.max_steps:
-                tokens_per_s = window_steps * run.tokens_per_step / window_time
-                record = {"step": step, **stats, "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen,
-                          "skipped_steps": state.skipped_steps}  # fmt: skip
-                if run.peak_tflops:
-                    record["mfu"] = mfu(tokens_per_s, run.flops_per_token, run.peak_tflops, accelerator.num_processes)
-                run.log.write(record)
-                window_steps, window_time = 0, 0.0
-            if a.eval_every and step % a.eval_every == 0 and step < a.max_steps:
-                evaluate(run, whole_split=False)
-            if signalled or step == a.stop_at_step or (a.save_every and step % a.save_every == 0):
-                last_saved = save(run) or last_saved
-            if signalled or step == a.stop_at_step:
-                why = (
-                    f"signal {signal.Signals(stop['signal']).name}" if stop["signal"]
-                    else "a signal to another process" if signalled
-                    else f"--stop_at_step {a.stop_at_step}"
+        with stop.installed():
+            while state.step < a.max_steps:
+                t0 = time.perf_counter()
+                micro_batches = next(batches)
+                if run.debug.rank_dumps:
+                    consumed += [i for b in micro_batches for i in b["block_ids"].tolist()]
+                stats, signalled = take_step(run, micro_batches, stop)
+                seconds = time.perf_counter() - t0
+                steps_run, train_time, window_steps, window_time = (
+                    steps_run + 1, train_time + seconds, window_steps + 1, window_time + seconds
                 )  # fmt: skip
-                accelerator.print(
-                    f"\nStopped at step {step} on {why}; last checkpoint {last_saved}. Continue with: "
-                    f"{command('minigpt.train.pretrain')} --resume {shlex.quote(str(run.out))}"
-                )
-                status = "stopped"
-                break
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{stats['lr']:.2e}", refresh=False)
+
+                step = state.step
+                if step % a.log_every == 0 or step == a.max_steps:
+                    log_step(run, stats, tokens_per_s=window_steps * run.tokens_per_step / window_time)
+                    window_steps, window_time = 0, 0.0
+                if a.eval_every and step % a.eval_every == 0 and step < a.max_steps:
+                    evaluate(run, whole_split=False)
+                if signalled or step == a.stop_at_step or (a.save_every and step % a.save_every == 0):
+                    last_saved = save(run) or last_saved
+                if signalled or step == a.stop_at_step:
+                    why = (f"signal {stop.signal.name}" if stop.signal else "a signal to another process" if signalled
+                           else f"--stop_at_step {a.stop_at_step}")  # fmt: skip
+                    accelerator.print(f"\nStopped at step {step} on {why}; last checkpoint {last_saved}. Continue "
+                                      f"with: {command('minigpt.train.pretrain')} --resume {shlex.quote(str(run.out))}")
+                    status = "stopped"
+                    break
     finally:
         bar.close()
         run.log.bar = None
-        restore_signal_handlers(stop)
     final_eval = {}
     if status == "done":
         final_eval = evaluate(run, whole_split=True)  # the figure the README and the model card quote
@@ -436,7 +307,17 @@ def fit(run: Run) -> dict:
     return {"status": status, "steps_run": steps_run, "train_time_s": train_time, **final_eval}
 
 
-def take_step(run: Run, micro_batches: list[dict], stop: dict) -> tuple[dict, bool]:
+def log_step(run: Run, stats: dict, tokens_per_s: float) -> None:
+    """One log record of the step just taken: its loss, LR and gradient norm, throughput and MFU, and the counters."""
+    state = run.state
+    record = {"step": state.step, **stats, "tokens_per_s": tokens_per_s, "tokens_seen": state.tokens_seen,
+              "skipped_steps": state.skipped_steps}  # fmt: skip
+    if run.peak_tflops:
+        record["mfu"] = mfu(tokens_per_s, run.flops_per_token, run.peak_tflops, run.accelerator.num_processes)
+    run.log.write(record)
+
+
+def take_step(run: Run, micro_batches: list[dict], stop: StopOnSignal) -> tuple[dict, bool]:
     """Optimizer step run.state.step + 1: set the LR from get_lr, forward/backward the micro-batches, check for
     NaN/inf, clip, then update (or skip, under --skip_nonfinite). Returns ({"loss", "lr", "grad_norm"}, whether any
     process got a signal)."""
@@ -444,13 +325,12 @@ def take_step(run: Run, micro_batches: list[dict], stop: dict) -> tuple[dict, bo
     lr = get_lr(state.step, a.learning_rate, a.min_learning_rate, a.warmup_steps, a.max_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    debug = run.debug
-    inject = debug.inject_nonfinite_into if debug.inject_nonfinite_at_step == state.step + 1 else None
+    inject = run.debug.inject_at(state.step + 1)
     loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
     if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives
         local(next(model.parameters()).grad).view(-1)[0] = float("nan")
     # one all-reduce per step: the step's mean loss over every rank, and whether any rank got a signal
-    flag = torch.tensor(float(stop["signal"] is not None), device=loss_sum.device)
+    flag = torch.tensor(float(stop.signal is not None), device=loss_sum.device)
     loss, stop_votes = accelerator.reduce(torch.stack([loss_sum, flag]), "sum").tolist()
     grad_norm = float("nan")
     if math.isfinite(loss):  # the norm is computed even without clipping (max_norm inf): it is the check
@@ -509,42 +389,6 @@ def training_step(accelerator: Accelerator, model, micro_batches: list[dict], in
     return loss_sum
 
 
-def collate(dataset, indices: list[int]) -> dict:
-    """Rows `indices` of the packed dataset as a batch; labels are the inputs (the model shifts them)."""
-    input_ids = torch.as_tensor(dataset[indices]["input_ids"], dtype=torch.long)  # (B, T)
-    return {"input_ids": input_ids, "labels": input_ids.clone(), "block_ids": torch.as_tensor(indices)}
-
-
-def epoch_loader(accelerator: Accelerator, dataset, epoch: int, seed: int, batch_size: int, blocks_per_epoch: int):
-    """This epoch's order, a fixed-seed permutation cut to whole optimizer steps, sharded across processes.
-
-    The cut means no process ever receives a duplicated or padded batch. The loader has its own generator so that
-    creating it does not draw from the global RNG (dropout stays identical across a resume).
-    """
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))[:blocks_per_epoch]
-    loader = DataLoader(
-        order.tolist(), batch_size=batch_size, collate_fn=partial(collate, dataset), generator=torch.Generator()
-    )
-    return accelerator.prepare_data_loader(loader)
-
-
-def step_batches(run: Run):
-    """Yield each optimizer step's k micro-batches, epoch after epoch, from the saved data position on."""
-    a, state, train = run.args, run.state, run.data.train.with_format("numpy")
-    k = a.gradient_accumulation_steps
-    while True:
-        start = state.samples_in_epoch // run.blocks_per_step  # optimizer steps already taken in this epoch
-        blocks = run.steps_per_epoch * run.blocks_per_step
-        loader = epoch_loader(run.accelerator, train, state.epoch, a.seed, a.batch_size, blocks)
-        if start:
-            loader = run.accelerator.skip_first_batches(loader, start * k)  # resume mid-epoch: no batch replayed
-        it = iter(loader)
-        for _ in range(start, run.steps_per_epoch):
-            yield [next(it) for _ in range(k)]
-        state.epoch += 1
-        state.samples_in_epoch = 0
-
-
 def save(run: Run) -> Path | None:
     """Checkpoint this step (every process takes part); None when the save failed (reported, retried next time)."""
     # the loss and gradient checks cannot see an update that overflows the weights or AdamW's moments, and such a
@@ -552,21 +396,26 @@ def save(run: Run) -> Path | None:
     what = nonfinite_state(run.accelerator, run.model, run.optimizer)
     if what:
         raise NonFiniteLoss(run.state.step, what, latest_checkpoint(run.ckpt_root), skippable=False)
-    a = run.accelerator
-    corpus = run.data.info.get("corpus", "user")  # without --data, the card names the built-in corpus from here
-    train_state = {"state": asdict(run.state), "args": run.saved_args,
-                   "hardware": describe_hardware(a.device, a.num_processes, a.mixed_precision),
-                   "corpus": None if corpus == "user" else f"the built-in corpus {corpus}"}  # fmt: skip
     return save_checkpoint(
-        run.accelerator, partial(write_checkpoint, run, train_state), run.ckpt_root, run.state.step,
-        run.args.keep_last, run.debug.save_delay,
+        run.accelerator, partial(write_checkpoint, run), run.ckpt_root, run.state.step, run.args.keep_last,
+        run.debug.save_delay,
     )  # fmt: skip
 
 
-def write_checkpoint(run: Run, train_state: dict, folder: Path) -> None:
+def summary_of(run: Run) -> dict:
+    """The run record (training_summary.json) at this step."""
+    a = run.accelerator
+    corpus = run.data.info.get("corpus", "user")  # without --data, the card names the built-in corpus from here
+    return pretrain_summary(run.saved_args, run.state.step, run.state.tokens_seen,
+                            describe_hardware(a.device, a.num_processes, a.mixed_precision),
+                            None if corpus == "user" else f"the built-in corpus {corpus}")  # fmt: skip
+
+
+def write_checkpoint(run: Run, folder: Path) -> None:
     """Every process: the training state into `folder` (accelerate's save_state: the model and AdamW unless
     torch-FSDP2 shards them, which DCP writes to fsdp/, and each rank's RNG state); then the main process adds a
-    loadable model folder (config with auto_map, code, generation config, tokenizer) and train_state.json."""
+    loadable model folder (config with auto_map, code, generation config, tokenizer), the resume state
+    (train_state.json: the loop's state and the arguments) and the run record (training_summary.json)."""
     accelerator, model = run.accelerator, run.model
     accelerator.save_state(str(folder))
     if run.sharding == "torch-fsdp2":
@@ -580,41 +429,11 @@ def write_checkpoint(run: Run, train_state: dict, folder: Path) -> None:
         write_model_code(unwrapped.config, folder)
         unwrapped.generation_config.save_pretrained(folder)
         run.data.tokenizer.save_pretrained(folder)
+        summary = summary_of(run)
+        train_state = {"state": asdict(run.state), "args": run.saved_args, "hardware": summary["hardware"],
+                       "corpus": None if run.saved_args["data"].get("data") else summary.get("data")}  # fmt: skip
         (folder / "train_state.json").write_text(json.dumps(train_state, indent=1))
-
-
-def nonfinite_state(accelerator: Accelerator, model, optimizer) -> str | None:
-    """What holds a NaN/inf among the weights and the optimizer state ("the weights became non-finite (name)"), on
-    any process, or None. One pass over every tensor: save() calls it before each checkpoint, not every step."""
-    names = {p: n for n, p in accelerator.unwrap_model(model).named_parameters()}
-    # under FSDP each process checks its own shards, and the reduce below tells every process
-    bad = next((f"the weights became non-finite ({n})" for p, n in names.items() if not local(p).isfinite().all()),
-               None)  # fmt: skip
-    for p, slots in optimizer.state.items():
-        for slot, t in slots.items():
-            if bad is None and torch.is_tensor(t) and not local(t).isfinite().all():
-                bad = f"the optimizer state became non-finite ({slot} of {names.get(p, 'a parameter')})"
-    # every process must stop together; a rank that found nothing names what another found only in its own message
-    if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), "sum").item() == 0:
-        return None
-    return bad or "the weights or optimizer state of another process became non-finite"
-
-
-class NonFiniteLoss(SystemExit):
-    """Exit status EXIT_NONFINITE; main() prints `message` (what went non-finite, where the last good state is)."""
-
-    def __init__(self, step: int, what: str, last_good: Path | None, skippable: bool = True):
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-        fix = (
-            "or pass --skip_nonfinite to skip such steps"
-            if skippable
-            else f"or clip with --max_grad_norm; the checkpoint of step {step} was not written"
-        )
-        super().__init__(EXIT_NONFINITE)
-        self.message = (
-            f"pretrain: error: {what} at step {step}; stopping. {where}. Resume with "
-            f"--resume {last_good or '<output_dir>'} and a lower --learning_rate, {fix}."
-        )
+        write_summary(folder, summary)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -680,6 +499,7 @@ def save_final(run: Run) -> None:
         try:
             save_full_model(accelerator.unwrap_model(run.model), state_dict, out)
             run.data.tokenizer.save_pretrained(out)
+            write_summary(out, summary_of(run))
             plot_losses(out / "log.jsonl", out / "loss.png")
         except (OSError, RuntimeError, SafetensorError) as e:  # a full disk is any of the three (see save_checkpoint)
             raise SystemExit(
@@ -748,9 +568,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
 
-def cli() -> None:
-    """The `minigpt-pretrain` console script: main(), whose return value would otherwise become the exit status."""
-    main()
+def cli(argv: list[str] | None = None) -> None:
+    """The `minigpt-pretrain` console script."""
+    run_cli("pretrain", main, argv)
 
 
 if __name__ == "__main__":

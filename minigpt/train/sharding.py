@@ -21,6 +21,7 @@ and distributed state dicts (`torch.distributed.checkpoint.state_dict`).
 """
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -120,6 +121,23 @@ def local_share(model: torch.nn.Module) -> tuple[int, int]:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor; any other tensor as it is."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def prepare(accelerator: Accelerator, model: MiniGPTForCausalLM, make_optimizer: Callable, fsdp: bool,
+            compile: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer, str]:  # fmt: skip
+    """(model, optimizer, sharding) ready to train: the sharding this launch gets (choose_sharding), then torch's FSDP2
+    applied here on CPU ranks, or accelerate's prepare (DDP, accelerate's FSDP, one process). `make_optimizer(model)`
+    builds the optimizer over the parameters as they will be trained (after sharding)."""
+    sharding = choose_sharding(accelerator, fsdp, accelerator.mixed_precision, compile)
+    if sharding != "torch-fsdp2":
+        model, optimizer = accelerator.prepare(model, make_optimizer(model))
+        return model, optimizer, sharding
+    shard(model)  # accelerate would wrap the model in DDP: nothing of it is prepared
+    optimizer = make_optimizer(model)
+    held, total = local_share(model)
+    print(f"fsdp: rank {accelerator.process_index} holds {held:,} of {total:,} parameters ({held / total:.1%}) and "
+          "their gradients and AdamW state", flush=True)  # fmt: skip
+    return model, optimizer, sharding
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
-from minigpt.train.sources import adapter_base, check_local_path
+from minigpt.sources import adapter_base, check_local_path
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
-"""Where a model comes from: a local folder, a Hub id, or a peft adapter on a base model; and the checks every script
-runs on a model or tokenizer name before loading it, so that a typo fails at once with what is wrong instead of
-from_pretrained retrying the Hub for a minute and ending in "couldn't connect to huggingface.co".
+"""Where a model comes from and where it goes: a local folder, a Hub id, or a peft adapter on a base model; the checks
+every tool runs on a model or tokenizer name before loading it, so that a typo fails at once with what is wrong
+instead of from_pretrained retrying the Hub for a minute and ending in "couldn't connect to huggingface.co"; and the
+pre-flight of a Hub push (hub_access_problem), which the training scripts run before they train, not after.
 """
 
 import contextlib
@@ -9,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub import HfApi, constants, get_token, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 
@@ -121,3 +122,36 @@ def adapter_base(adapter: str | os.PathLike, option: str = "--model_name_or_path
         raise ValueError(f"{option} {adapter}: its base {base} is not a model folder; {instead}fix "
                          f"base_model_name_or_path in {Path(adapter) / ADAPTER_CONFIG}.")
     return base
+
+
+def hub_access_problem(token: str | None = None) -> str | None:
+    """Why a push cannot reach the Hub now, or None: offline mode, or no token. minigpt.hub.push checks it, and the
+    training scripts check it before they train (`--push_to_hub`), not after."""
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return ("HF_HUB_OFFLINE is set, so huggingface_hub may not reach the Hub; unset it (and TRANSFORMERS_OFFLINE) "
+                "to push")  # fmt: skip
+    if not (token or get_token()):
+        return "No Hugging Face token found: run `hf auth login` (with a token that can write) or set HF_TOKEN"
+    return None
+
+
+class PushRefused(PermissionError):
+    """--push_to_hub cannot publish after training: no or a bad --hub_model_id, offline mode, or no token."""
+
+
+def push_problem(hub_model_id: str | None) -> str | None:
+    """Why `--push_to_hub` could not publish the finished run as `hub_model_id`, or None: the training scripts ask
+    before they train, not after."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if not hub_model_id:
+        return "--push_to_hub needs --hub_model_id user/name."
+    try:
+        validate_repo_id(hub_model_id)
+    except ValueError as e:  # HFValidationError
+        return f"--hub_model_id {hub_model_id!r} is not a Hub repo id ({e}). Use user/name."
+    problem = hub_access_problem()
+    if problem:
+        return (f"--push_to_hub: {problem}; or drop --push_to_hub and publish the finished folder with minigpt-push "
+                "OUTPUT_DIR REPO_ID.")  # fmt: skip
+    return None
