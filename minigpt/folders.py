@@ -6,7 +6,7 @@
     write_model_code(config, path), has_remote_code(path, config)
                                  config.json with auto_map and the modeling files, so the folder loads with
                                  trust_remote_code where the package is absent
-    enable_cache(path)           `use_cache: true` in a saved config.json, as inference and export recipes want
+    enable_cache(path)           `use_cache: true` in a saved folder's configs, as inference and export recipes want
 """
 
 import json
@@ -136,11 +136,15 @@ def has_remote_code(folder: Path, config: dict) -> bool:
     return all(Path(needed).is_file() for path in files for needed in get_relative_import_files(path))
 
 
-def enable_cache(config_file: Path) -> None:
-    """Set use_cache to true in a saved config.json (no-op when it already is). Gradient checkpointing (and TRL's
-    trainers) switch model.config.use_cache off while training, and a checkpoint saved so would make generate() run
-    without a cache and torch.export/ExecuTorch recipes refuse it ("The model must have caching enabled")."""
-    fields = json.loads(config_file.read_text())
-    if fields.get("use_cache") is not True:
-        fields["use_cache"] = True
-        config_file.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+def enable_cache(folder: Path) -> None:
+    """Set use_cache to true in a saved folder's config.json and generation_config.json (where they say otherwise).
+    Gradient checkpointing (and TRL's trainers) switch model.config.use_cache off while training, and a checkpoint
+    saved so would make generate() run without a cache; transformers' export recipes (torch.export, ExecuTorch)
+    refuse a config or generation config without it ("The model must have caching enabled")."""
+    for path in (Path(folder) / "config.json", Path(folder) / "generation_config.json"):
+        if not path.is_file():
+            continue
+        fields = json.loads(path.read_text())
+        if fields.get("use_cache") is not True:
+            fields["use_cache"] = True
+            path.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")

@@ -37,13 +37,14 @@ class StopOnSignalCallback(TrainerCallback):
 
 
 class KeepUseCacheCallback(TrainerCallback):
-    """Writes `use_cache: true` back into every checkpoint-N/config.json (minigpt.folders.enable_cache says why).
-    The file is edited rather than the live config, so training itself is left as Trainer set it up."""
+    """Writes `use_cache: true` back into every checkpoint-N's config.json and generation_config.json
+    (minigpt.folders.enable_cache says why). The files are edited rather than the live config, so training itself is
+    left as Trainer set it up."""
 
     def on_save(self, args, state, control, **kwargs):
-        config = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "config.json"
-        if state.is_world_process_zero and config.is_file():
-            enable_cache(config)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            enable_cache(folder)
 
 
 def causal_label_smoothing(factor: float):

@@ -45,7 +45,7 @@ from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgument
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from minigpt.commands import command, run_cli
-from minigpt.folders import load_pretrained
+from minigpt.folders import enable_cache, load_pretrained
 from minigpt.sources import PushRefused, adapter_base, check_model_path, push_problem
 from minigpt.train.args import read_arguments
 from minigpt.train.callbacks import (
@@ -247,8 +247,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgument
         raise ValueError("Neither the model config nor the tokenizer gives a context length; pass --max_length.")
     if context is not None and max_length > context:
         raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
-    # use_cache: transformers' export recipes (torch.export, ExecuTorch) refuse a generation config without it
-    model.generation_config.update(use_cache=True, **special_token_ids(tokenizer))
+    model.generation_config.update(**special_token_ids(tokenizer))
     if data_args.mode == "supervised":
         if data_args.add_bos:
             add_bos_by_default(tokenizer)
@@ -349,10 +348,9 @@ def save_final(trainer: Trainer, tokenizer, model_args: ModelArguments, data_arg
             return
         model = model.merge_and_unload()
     if trainer.is_world_process_zero():
-        # training may have switched the cache off (gradient checkpointing, TRL); the checkpoint is for inference
-        model.config.use_cache = True
         # save_pretrained copies the modeling files because MiniGPT registers itself with register_for_auto_class
         model.save_pretrained(output_dir)
+        enable_cache(Path(output_dir))  # training may have switched the cache off; the checkpoint is for inference
         tokenizer.save_pretrained(output_dir)
         if data_args.mode == "supervised":
             template_of(data_args).save(output_dir)
