@@ -7,6 +7,7 @@ script where the shell finds this installation's (`minigpt-pretrain`), else its 
 else this interpreter with -m (a clone that is not installed).
 """
 
+import argparse
 import shlex
 import shutil
 import sys
@@ -64,6 +65,13 @@ def run_cli(
         raise SystemExit(status) from None
     except KeyboardInterrupt as error:
         raise SystemExit(interrupted(prog, f" {error}" if str(error) else not_started)) from None
+
+
+def one_line_usage(parser: argparse.ArgumentParser, prog: str) -> argparse.ArgumentParser:
+    """`parser` with its usage errors (an unknown flag, a bad value) as one line `prog: error: ...`, exit 2, like every
+    other error of the tools, instead of the whole usage above it; --help still shows the usage."""
+    parser.error = lambda message: parser.exit(2, f"{prog}: error: {message}\n")  # argparse's documented override
+    return parser
 
 
 def interrupted(prog: str, detail: str = "") -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedConfig
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT, so save_pretrained writes auto_map and the code files)
-from minigpt.commands import run_cli
+from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import load_pretrained
 from minigpt.sources import check_local_path
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
@@ -266,7 +266,7 @@ def _load_converted(model, state: dict):
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = one_line_usage(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), "convert_gpt2")
     parser.add_argument("src", help="source checkpoint: a local folder or a Hub model id (e.g. openai-community/gpt2)")
     parser.add_argument("dst", help="folder to write the converted checkpoint to")
     parser.add_argument("--reverse", action="store_true", help="convert MiniGPT -> GPT2LMHeadModel instead")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from minigpt.commands import run_cli
+from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import load_minigpt
 
 logger = logging.getLogger("minigpt.hub.export_gguf")
@@ -215,6 +215,7 @@ def export(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m minigpt.hub.export_gguf", description=__doc__.split("\n\n")[0])
+    one_line_usage(parser, "export_gguf")
     parser.add_argument("model_dir", help="a MiniGPT checkpoint folder (config.json + model.safetensors + tokenizer)")
     parser.add_argument("out_file", help="the .gguf file to write (its folder is created if missing)")
     parser.add_argument(

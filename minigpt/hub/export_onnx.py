@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from minigpt.commands import run_cli
+from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import load_minigpt
 from modeling_minigpt.modeling_minigpt import CACHE_NAME
 
@@ -178,6 +178,7 @@ def greedy_onnx(sessions, input_ids, attention_mask=None, max_new_tokens: int = 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(prog="python -m minigpt.hub.export_onnx", description=__doc__.split("\n\n")[0])
+    one_line_usage(parser, "export_onnx")
     parser.add_argument("model_dir", help="a MiniGPT checkpoint folder (config.json + model.safetensors)")
     parser.add_argument("out_dir", help=f"where to write {PREFILL_FILE} and {DECODE_FILE} (created if missing)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default %(default)s)")

@@ -25,7 +25,7 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from minigpt.commands import run_cli
+from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import check_minigpt_folder, has_remote_code, write_model_code
 from minigpt.hub.model_card import build_model_card, is_generated
 from minigpt.sources import hub_access_problem
@@ -188,7 +188,7 @@ def _print_plan(stage, repo_id, revision, private, pushed, skipped, repaired, ke
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = one_line_usage(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), "push")
     parser.add_argument("folder", help="checkpoint folder written by save_pretrained (config.json, model.safetensors)")
     parser.add_argument("repo_id", help="Hub repo id, 'namespace/name' or 'name' (then under your user)")
     parser.add_argument("--private", action="store_true", help="create the repo as private (if it doesn't exist)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from minigpt.commands import one_line_usage
 from minigpt.schedule import lr_of
 from minigpt.train.data import DataArguments, DataError, check_data_arguments
 from minigpt.train.faults import EXIT_NONFINITE
@@ -206,6 +207,7 @@ def parse_run(
     command line overrides. `description` and `epilog` frame --help; minigpt/train/pretrain.py passes the parts of its
     own docstring."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainArguments), description=description, epilog=epilog)
+    one_line_usage(parser, "pretrain")
     argv = list(sys.argv[1:] if argv is None else argv)
     resume = None
     try:

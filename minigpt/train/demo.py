@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt.commands import command, run_cli
+from minigpt.commands import command, one_line_usage, run_cli
 from minigpt.train import generate, pretrain
 from minigpt.train.args import parse_args
 from minigpt.folders import load_pretrained
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         epilog=epilog(),
         allow_abbrev=False,  # --out would be taken for --output_dir, though pretrain may have a flag it abbreviates
     )
+    one_line_usage(p, "demo")
     p.add_argument("--output_dir", default="runs/demo", help="Where the model, checkpoints and loss.png go.")
     p.add_argument(
         "--resume",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
-from minigpt.commands import run_cli
+from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import load_pretrained
 from minigpt.train.data import read_rows
 from minigpt.train.metrics import load_metric
@@ -310,6 +310,7 @@ def format_table(results: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    one_line_usage(p, "evaluation")
     p.add_argument("model", help="checkpoint folder (model + tokenizer)")
     p.add_argument("--data", required=True, help=".txt, .jsonl with a text field, or .jsonl prompt/answer pairs")
     p.add_argument("--compare", metavar="DIR2", help="a second checkpoint folder, evaluated the same way, side by side")

@@ -44,7 +44,7 @@ import transformers
 from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
-from minigpt.commands import command, run_cli
+from minigpt.commands import command, one_line_usage, run_cli
 from minigpt.folders import enable_cache, load_pretrained
 from minigpt.sources import PushRefused, adapter_base, check_model_path, push_problem
 from minigpt.train.args import read_arguments
@@ -122,7 +122,8 @@ def parse_args(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     config = argv.pop(0) if argv and argv[0].endswith((".yaml", ".yml", ".json")) else None
     given = set()
-    return (*read_arguments(HfArgumentParser(ARGUMENT_CLASSES), argv, config, given), given)
+    parser = one_line_usage(HfArgumentParser(ARGUMENT_CLASSES), "finetune")
+    return (*read_arguments(parser, argv, config, given), given)
 
 
 def main(argv: list[str] | None = None) -> Trainer:

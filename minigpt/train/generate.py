@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, TextStreamer, set_seed
 
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes, so no remote code is needed)
-from minigpt.commands import run_cli
+from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import load_pretrained
 from minigpt.train.pairs import ESCAPES_HELP, TEMPLATE_FILE, PromptTemplate, unescape
 from minigpt.sources import adapter_base, check_model_path
@@ -39,6 +39,7 @@ STRATEGIES = ("greedy", "top_k", "top_p", "beam")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Strategies: " + ", ".join(STRATEGIES),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    one_line_usage(p, "generate")
     p.add_argument("--model", required=True, help="A folder written by save_pretrained (e.g. pretrain's output_dir), "
                    "a Hub id, or a LoRA adapter folder (loaded on its base model, as transformers does with peft).")
     p.add_argument("--prompt", default="", type=unescape,
