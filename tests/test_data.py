@@ -6,16 +6,18 @@ import math
 import pytest
 from conftest import make_corpus, write_txt
 
+import numpy as np
+
 from minigpt.train.data import (
     DataArguments,
     DataError,
     default_corpus,
     load_documents,
-    pack_blocks,
     prepare_data,
     resolve_data_files,
     unigram_perplexity,
 )
+from minigpt.train.tokens import TokenBlocks
 
 
 def args_for(tmp_path, data, **overrides) -> DataArguments:
@@ -31,13 +33,13 @@ def test_resolve_files_folders_and_globs(tmp_path):
     two = tmp_path / "a" / "sub" / "two.jsonl"
     two.write_text('{"text": "y"}\n')
     (tmp_path / "a" / ".hidden.txt").write_text("hidden")
-    (tmp_path / "a" / "notes.csv").write_text("skip,me")
-    assert resolve_data_files([str(tmp_path / "a")]) == sorted([str(one), str(two)])
+    (tmp_path / "a" / "notes.csv").write_text("text,label\nhello,1\n")  # a table: read by its text column
+    (tmp_path / "a" / "picture.png").write_bytes(b"\x89PNG")
+    assert resolve_data_files([str(tmp_path / "a")]) == sorted([str(one), str(two), str(tmp_path / "a" / "notes.csv")])
     assert resolve_data_files([str(tmp_path / "a" / "**" / "*.jsonl")]) == [str(two)]
-    # explicit files of any suffix are taken as text; duplicates collapse
-    assert resolve_data_files([str(one), str(one), str(tmp_path / "a" / "notes.csv")]) == sorted(
-        [str(one), str(tmp_path / "a" / "notes.csv")]
-    )
+    assert resolve_data_files([str(one), str(one)]) == [str(one)]  # duplicates collapse
+    with pytest.raises(DataError, match=r"Cannot read .*picture.png.*\.png is none of .*\.txt.*\.parquet"):
+        resolve_data_files([str(tmp_path / "a" / "picture.png")])
 
 
 @pytest.mark.filterwarnings("ignore:Skipping the empty file")
@@ -45,7 +47,7 @@ def test_resolve_files_folders_and_globs(tmp_path):
     "make, message",
     [
         (lambda p: p / "missing.txt", "does not exist"),
-        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "holds no .txt or .jsonl"),
+        (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "holds no file MiniGPT reads"),
         (lambda p: p / "nothing-*.txt", "matches no file"),
         (lambda p: (p / "e.txt").write_text("") and None or p / "e.txt", "empty"),
     ],
@@ -103,10 +105,12 @@ def test_unusable_jsonl_is_a_clear_error(tmp_path):
         load_documents([str(broken)])
 
 
-def test_pack_blocks_separates_documents_with_eos_and_drops_the_tail():
-    out = pack_blocks({"input_ids": [[5, 6, 7], [8], [9, 10, 11, 12]]}, block_size=4, eos_id=2)
+def test_blocks_are_cut_from_the_token_stream_when_read_and_the_tail_is_dropped():
     # stream: 5 6 7 EOS 8 EOS 9 10 11 12 EOS -> two full blocks, the 3-token tail dropped
-    assert out["input_ids"] == [[5, 6, 7, 2], [8, 2, 9, 10]]
+    blocks = TokenBlocks(np.array([5, 6, 7, 2, 8, 2, 9, 10, 11, 12, 2], dtype=np.uint16), block_size=4)
+    assert len(blocks) == 2 and blocks["input_ids"] == [[5, 6, 7, 2], [8, 2, 9, 10]]
+    assert blocks[[1, 0]]["input_ids"].tolist() == [[8, 2, 9, 10], [5, 6, 7, 2]]
+    assert blocks[1]["input_ids"].dtype == np.int64
 
 
 def test_unigram_perplexity_counts_predicted_tokens_only():
@@ -146,8 +150,8 @@ def test_prepare_splits_by_fixed_seed_packs_and_caches(tmp_path):
     assert again.tokenizer.get_vocab() == data.tokenizer.get_vocab()
 
     other = prepare_data(args_for(tmp_path, [corpus], block_size=8), log=lambda *_: None)
-    assert not other.from_cache and other.cache_dir != data.cache_dir
-    # the same seed splits the same documents whatever the block size
+    # another block size reads the same token store: the blocks are cut when read
+    assert other.from_cache and other.cache_dir == data.cache_dir and len(other.train) == 2 * len(data.train)
     assert tags(other.validation) == val_tags
 
     reuse = prepare_data(args_for(tmp_path, [corpus], tokenizer=data.cache_dir + "/tokenizer"), log=lambda *_: None)

@@ -27,7 +27,8 @@ BOOLS = [None, "true", "false", "yes", "no", "1", "0", "T", "maybe", ""]  # None
 SPEC = {
     **dict.fromkeys(
         ["num_proc", "max_steps", "batch_size", "gradient_accumulation_steps", "warmup_steps", "cpu_threads",
-         "eval_every", "eval_batches", "log_every", "save_every", "keep_last", "stop_at_step", "ddp_timeout"],
+         "eval_every", "eval_batches", "log_every", "save_every", "keep_last", "stop_at_step", "ddp_timeout",
+         "validation_documents"],
         (COUNTS, int),
     ),
     **dict.fromkeys(
@@ -36,7 +37,8 @@ SPEC = {
         (FLOATS, float),
     ),
     **dict.fromkeys(
-        ["bias", "compile", "cpu", "fsdp", "overwrite_output_dir", "skip_nonfinite", "push_to_hub", "hub_private"],
+        ["bias", "compile", "cpu", "fsdp", "overwrite_output_dir", "skip_nonfinite", "push_to_hub", "hub_private",
+         "streaming"],
         (BOOLS, bool),
     ),
     **dict.fromkeys(["seed", "split_seed"], (SEEDS, int)),
@@ -51,6 +53,7 @@ SPEC = {
     "norm_position": (["pre", "post", "Pre", "middle"], str),
     "activation_function": (["gelu", "gelu_new", "relu", "silu", "tanh", "GELU", "swiglu", ""], str),
     "text_unit": (["paragraph", "line", "document", "sentence", ""], str),
+    "token_dtype": (["uint16", "uint32", "int8", ""], str),
     "mixed_precision": (["no", "bf16", "fp16", "fp8", "BF16", ""], str),
     "resume": (["latest", "/nonexistent/step-3"], str),
     "report_to": (["none", "tensorboard", "all", "wandb", "TensorBoard", "bogus", ""], str),
@@ -71,7 +74,8 @@ def _dataclass_fields() -> dict:
 def test_every_numeric_and_choice_argument_is_fuzzed():
     """A new argument gets a SPEC entry, so that its validation is fuzzed too (paths and free text excepted)."""
     unspecified = sorted(set(_dataclass_fields()) - set(SPEC) - {"data", "text_field", "tokenizer", "data_cache_dir",
-                                                                 "config", "output_dir"})  # fmt: skip
+                                                                 "config", "output_dir", "dataset_name",
+                                                                 "dataset_config_name", "dataset_split"})  # fmt: skip
     assert not unspecified, f"add {unspecified} to SPEC in {__file__}"
 
 

@@ -63,7 +63,7 @@ def test_an_enormous_line_without_spaces_trains_and_packs(tmp_path):
     assert all(len(row) == 32 for row in data.train[:5]["input_ids"])
 
 
-def test_binary_and_mixed_encoding_files_are_decoded_with_replacement_and_a_warning(tmp_path):
+def test_binary_and_utf16_files_are_refused_and_mixed_encodings_decoded_with_replacement_and_a_warning(tmp_path):
     binary = tmp_path / "dump.txt"
     binary.write_bytes(bytes(range(256)) * 40 + os.urandom(20_000))  # NULs, control bytes, invalid UTF-8
     mixed = tmp_path / "mixed.txt"
@@ -72,20 +72,18 @@ def test_binary_and_mixed_encoding_files_are_decoded_with_replacement_and_a_warn
         + "crème brûlée\n\n".encode("latin-1")
         + "こんにちは\n\n".encode("shift_jis")
         + "5 € only\n\n".encode("cp1252")
-        + "utf-16 text".encode("utf-16")
     )
     utf16 = tmp_path / "windows.txt"
     utf16.write_text("\n\n".join(make_corpus(5)), encoding="utf-16")
     good = write_txt(tmp_path / "good.txt", make_corpus(40))
-    for path in (binary, mixed, utf16):
-        with pytest.warns(UserWarning, match=f"{path.name} is not valid UTF-8 .*replacement characters"):
-            docs = load_documents([str(path)])["text"]
-        assert "\ufffd" in "".join(docs)
-    with pytest.warns(UserWarning, match="not valid UTF-8"):
+    for path in (binary, utf16):  # NUL bytes: trained on, they would be U+FFFD and NULs, not text
+        with pytest.raises(DataError, match=f"{path.name} is not text: it holds a NUL byte.*iconv -f utf-16"):
+            load_documents([str(path)])
+    with pytest.warns(UserWarning, match="mixed.txt is not valid UTF-8 .*replacement characters"):
         docs = load_documents([str(mixed)])["text"]
-    assert docs[0] == "naïve café, 日本語"  # the valid UTF-8 survives intact
+    assert docs[0] == "naïve café, 日本語" and "\ufffd" in "".join(docs)  # the valid UTF-8 survives intact
     with pytest.warns(UserWarning, match="not valid UTF-8"):
-        data = prepare(tmp_path, [binary, mixed, utf16, good])
+        data = prepare(tmp_path, [mixed, good])
     assert len(data.train) > 0 and data.tokenizer.decode(data.train[0]["input_ids"])
 
 

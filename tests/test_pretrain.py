@@ -13,14 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_same_weights, losses, make_corpus, read_log, tiny_args, write_txt
 
 from minigpt.train.args import parse_args
-from minigpt.train.data import pack_blocks, prepare_data
+from minigpt.train.data import prepare_data
 from minigpt.schedule import get_lr
 from minigpt.train.loader import collate
+from minigpt.train.tokens import TokenBlocks
 from minigpt.train.pretrain import main, training_step
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -48,10 +50,9 @@ def test_lr_schedule_warms_up_then_decays_by_cosine():
 def test_packed_blocks_keep_every_eos_as_a_target():
     """Pretraining blocks are full (the tail is dropped), so no label is masked, least of all by id: with a
     tokenizer whose pad token is EOS (a GPT-2-style one given as --tokenizer), every separator stays a target."""
-    from datasets import Dataset
 
-    blocks = Dataset.from_dict(pack_blocks({"input_ids": [[5, 6], [7, 8, 9], [10]]}, block_size=4, eos_id=2))
-    batch = collate(blocks.with_format("numpy"), [0, 1])
+    blocks = TokenBlocks(np.array([5, 6, 2, 7, 8, 9, 2, 10, 2]), block_size=4)  # three documents, EOS after each
+    batch = collate(blocks, [0, 1])
     assert batch["input_ids"].tolist() == [[5, 6, 2, 7], [8, 9, 2, 10]]  # the last document's EOS fell in the tail
     assert torch.equal(batch["labels"], batch["input_ids"])
 

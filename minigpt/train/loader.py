@@ -1,8 +1,10 @@
-"""The order pretraining reads its packed blocks in: each epoch a fixed-seed permutation, cut to whole optimizer
-steps and sharded across processes, resumable at any step without replaying a batch."""
+"""The order pretraining reads its blocks in: each epoch a fixed-seed permutation, cut to whole optimizer steps and
+sharded across processes, resumable at any step without replaying a batch; or, with --streaming, each process's
+stream in its own order (minigpt/train/streaming.py)."""
 
 from functools import partial
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -55,3 +57,18 @@ def step_batches(accelerator: Accelerator, dataset, state, seed: int, batch_size
             yield [next(it) for _ in range(accumulation)]
         state.epoch += 1
         state.samples_in_epoch = 0
+
+
+def stream_batches(stream, state, batch_size: int, accumulation: int):
+    """Yield each optimizer step's `accumulation` micro-batches from this process's stream (StreamBlocks), which
+    carries its own position; a new pass over the stream starts a new epoch of `state`."""
+    blocks = stream.blocks()
+    while True:
+        micro_batches = []
+        for _ in range(accumulation):
+            input_ids = torch.as_tensor(np.stack([next(blocks) for _ in range(batch_size)]), dtype=torch.long)
+            micro_batches.append({"input_ids": input_ids, "labels": input_ids.clone(),
+                                  "block_ids": torch.full((batch_size,), -1)})  # fmt: skip
+        if stream.epoch > state.epoch:
+            state.epoch, state.samples_in_epoch = stream.epoch, 0
+        yield micro_batches

@@ -50,8 +50,9 @@ from minigpt.train.args import TrainArguments, adapt_recipe, build_config, parse
 from minigpt.train.checkpoints import latest_checkpoint, prepare_checkpoint_root, save_checkpoint
 from minigpt.train.data import DataError, PreparedData, prepare_data
 from minigpt.train.faults import DebugHooks, NonFiniteLoss, StopOnSignal, dump_rank, nonfinite_state
-from minigpt.train.loader import step_batches, steps_per_epoch
+from minigpt.train.loader import step_batches, steps_per_epoch, stream_batches
 from minigpt.train.monitoring import RunLog, describe_hardware, plot_losses
+from minigpt.train.streaming import StreamBlocks
 from minigpt.train.sharding import (
     SHARDED_DIR,
     check_deepspeed_request,
@@ -109,9 +110,10 @@ class Run:
     state: LoopState
     log: RunLog
     debug: DebugHooks
+    stream: StreamBlocks | None  # this process's training stream, with --streaming
     blocks_per_step: int  # sequences per optimizer step, all processes together
     tokens_per_step: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # 0 when streaming: a stream's length is unknown until it is read
     flops_per_token: float  # at the trained sequence length (--block_size), for MFU
     peak_tflops: float  # of one device; 0 = unknown, no MFU
 
@@ -170,13 +172,17 @@ def setup(argv: list[str] | None = None) -> Run:
     k, world = args.gradient_accumulation_steps, accelerator.num_processes
     blocks_per_step = args.batch_size * k * world
     n_params = count_params(accelerator.unwrap_model(model))
+    stream = None
+    if data_args.streaming:  # this process's share of the stream, at the checkpoint's position on a resume
+        stream = data.train.shard(accelerator.process_index, world, resume and resume.folder)
     run = Run(
         accelerator, model, optimizer, data, args, sharding, saved_args, out, ckpt_root, state,
         log=RunLog(accelerator, out, args.report_to),
         debug=debug,
+        stream=stream,
         blocks_per_step=blocks_per_step,
         tokens_per_step=blocks_per_step * data_args.block_size,
-        steps_per_epoch=steps_per_epoch(len(data.train), args.batch_size, k, world),
+        steps_per_epoch=0 if stream else steps_per_epoch(len(data.train), args.batch_size, k, world),
         flops_per_token=flops_per_token(n_params, config.n_layer, config.n_embd, data_args.block_size),
         peak_tflops=args.peak_tflops or lookup_peak_tflops(accelerator.device)[0],
     )  # fmt: skip
@@ -203,8 +209,10 @@ def print_summary(run: Run, block_size: int, resumed_from: Path | None = None) -
     device."""
     a, info, print0, state = run.args, run.data.info, run.accelerator.print, run.state
     if resumed_from is not None:
-        print0(f"Resumed from {resumed_from} at step {state.step} of {a.max_steps}: epoch {state.epoch + 1} continues "
-               f"after {state.samples_in_epoch:,} of its {run.steps_per_epoch * run.blocks_per_step:,} blocks.")
+        where = (f"the stream continues where it stopped (epoch {state.epoch + 1})" if run.stream else
+                 f"epoch {state.epoch + 1} continues after {state.samples_in_epoch:,} of its "
+                 f"{run.steps_per_epoch * run.blocks_per_step:,} blocks")  # fmt: skip
+        print0(f"Resumed from {resumed_from} at step {state.step} of {a.max_steps}: {where}.")
         if state.step >= a.max_steps:
             print0(f"resume: the checkpoint has all {a.max_steps} steps already; nothing is trained, the final model "
                    "is evaluated and saved again. Raise --max_steps to train longer.")  # fmt: skip
@@ -219,18 +227,22 @@ def print_summary(run: Run, block_size: int, resumed_from: Path | None = None) -
         f"n_head={config.n_head} vocab={config.vocab_size} positions={config.position_embedding_type}, "
         f"{run.flops_per_token / 1e6:.1f} MFLOP/token at {block_size} tokens; {peak}"
     )
+    train = (f"a stream of {', '.join(info['files'])}" if run.stream else
+             f"{len(run.data.train):,} train blocks ({info['tokens']['train']:,} tokens)")  # fmt: skip
     print0(
-        f"data: {len(run.data.train):,} train blocks ({info['tokens']['train']:,} tokens), {n_val:,} "
-        f"validation blocks of {block_size} tokens; tokenizer vocabulary {len(run.data.tokenizer)}; "
-        f"validation unigram perplexity {info['unigram_perplexity_validation']:.1f} (the bar to beat)"
+        f"data: {train}, {n_val:,} validation blocks of {block_size} tokens; tokenizer vocabulary "
+        f"{len(run.data.tokenizer)}; validation unigram perplexity {info['unigram_perplexity_validation']:.1f} (the "
+        "bar to beat)"
     )
+    per_epoch = f"{run.steps_per_epoch} steps per epoch" if run.steps_per_epoch else "a stream: epochs unknown"
+    epochs = f"{a.max_steps / run.steps_per_epoch:.2f} epochs, " if run.steps_per_epoch else ""
     print0(
         f"batch: {a.batch_size} sequences x {block_size} tokens x {k} accumulation x {world} processes = "
-        f"{run.tokens_per_step:,} tokens per step; {run.steps_per_epoch} steps per epoch"
+        f"{run.tokens_per_step:,} tokens per step; {per_epoch}"
     )
     print0(
-        f"schedule: {a.max_steps} steps = {total_tokens / 1e6:.2f}M tokens ({a.max_steps / run.steps_per_epoch:.2f} "
-        f"epochs, {total_tokens / num_params:.1f} tokens/parameter); warmup {a.warmup_steps}, cosine "
+        f"schedule: {a.max_steps} steps = {total_tokens / 1e6:.2f}M tokens ({epochs}"
+        f"{total_tokens / num_params:.1f} tokens/parameter); warmup {a.warmup_steps}, cosine "
         f"{a.learning_rate:g} -> {a.min_learning_rate:g}; evaluation every {a.eval_every or a.max_steps} steps on the "
         f"first {sampled} of the {n_val} validation blocks, the final one on all; device {run.accelerator.device}, "
         f"mixed precision {run.accelerator.mixed_precision}, sharding {run.sharding}"
@@ -255,8 +267,11 @@ def fit(run: Run) -> dict:
     run.log.bar = bar
     if state.step == 0 and a.eval_every:
         evaluate(run, whole_split=False)
-    batches = step_batches(accelerator, run.data.train, state, a.seed, a.batch_size, a.gradient_accumulation_steps,
-                           run.steps_per_epoch)  # fmt: skip
+    if run.stream is not None:
+        batches = stream_batches(run.stream, state, a.batch_size, a.gradient_accumulation_steps)
+    else:
+        batches = step_batches(accelerator, run.data.train, state, a.seed, a.batch_size, a.gradient_accumulation_steps,
+                               run.steps_per_epoch)  # fmt: skip
     status, last_saved, steps_run, train_time, consumed = "done", None, 0, 0.0, []
     window_steps, window_time = 0, 0.0  # since the last log line, for tokens/s: training time only, no eval or save
     stop = StopOnSignal()
@@ -418,6 +433,8 @@ def write_checkpoint(run: Run, folder: Path) -> None:
     (train_state.json: the loop's state and the arguments) and the run record (training_summary.json)."""
     accelerator, model = run.accelerator, run.model
     accelerator.save_state(str(folder))
+    if run.stream is not None:  # each process's position in its stream
+        (folder / f"stream-rank{accelerator.process_index}.json").write_text(json.dumps(run.stream.state()))
     if run.sharding == "torch-fsdp2":
         save_sharded(model, run.optimizer, folder / SHARDED_DIR)
     # accelerate's save_state writes model.safetensors itself, except under FSDP (sharded files only)
