@@ -48,6 +48,7 @@ from minigpt.commands import command, one_line_usage, run_cli
 from minigpt.folders import enable_cache, load_pretrained
 from minigpt.sources import PushRefused, adapter_base, check_model_path, push_problem
 from minigpt.train.args import read_arguments
+from minigpt.train.chat import add_chat_template, pairs_chat_template
 from minigpt.train.callbacks import (
     KeepUseCacheCallback,
     SaveTemplateCallback,
@@ -233,8 +234,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
 
 def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataArguments, kind: str, base_model: str):
     """(model, tokenizer, max_length): the model (an adapter on its base, to train further), its tokenizer, and the
-    generation defaults the fine-tune will save: stop at EOS, pad with the tokenizer's pad id, and for supervised
-    pairs BOS added by the tokenizer and greedy decoding, so the model gets by default what it was trained on."""
+    generation defaults the fine-tune will save: stop at EOS, pad with the tokenizer's pad id; for conversations a
+    chat template (minigpt/train/chat.py) whose end-of-turn token also stops generation; for supervised pairs BOS
+    added by the tokenizer, greedy decoding and the prompt format as a chat template, so the model gets by default
+    what it was trained on."""
     tokenizer_path = tokenizer_source(model_args.model_name_or_path, model_args.tokenizer_name_or_path, kind)
     tokenizer = load_tokenizer(tokenizer_path, option="--tokenizer_name_or_path")
     model = load_pretrained(AutoModelForCausalLM, base_model, trust_remote_code=model_args.trust_remote_code)
@@ -249,9 +252,15 @@ def load_model_and_tokenizer(model_args: ModelArguments, data_args: DataArgument
     if context is not None and max_length > context:
         raise ValueError(f"--max_length {max_length} exceeds the model's context of {context} tokens; lower it.")
     model.generation_config.update(**special_token_ids(tokenizer))
+    if data_args.mode == "chat":  # a ChatML template where there is none; answers end at its end-of-turn token too
+        model.generation_config.update(eos_token_id=add_chat_template(model, tokenizer))
     if data_args.mode == "supervised":
         if data_args.add_bos:
             add_bos_by_default(tokenizer)
+        if tokenizer.chat_template is None:  # chat clients then prompt the model as it was trained
+            template = template_of(data_args)
+            tokenizer.chat_template = pairs_chat_template(template.prompt_template, template.separator,
+                                                          template.add_bos)  # fmt: skip
         model.generation_config.update(do_sample=False, num_beams=1, temperature=None, top_k=None, top_p=None,
                                        repetition_penalty=None)
     return model, tokenizer, max_length
@@ -320,6 +329,8 @@ def log_plan(trainer: Trainer, train_set: datasets.Dataset, data_args: DataArgum
     tokens = sum(len(ids) for ids in train_set["input_ids"])
     if data_args.mode == "supervised":
         data, unit = f"{len(train_set):,} prompt/answer pairs, one row each, {tokens:,} tokens", "pairs"
+    elif data_args.mode == "chat":
+        data, unit = f"{len(train_set):,} conversations, one row each, {tokens:,} tokens", "conversations"
     elif data_args.packing:
         eos = trainer.processing_class.eos_token_id
         documents = sum(ids.count(eos) for ids in train_set["input_ids"])

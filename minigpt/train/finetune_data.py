@@ -3,6 +3,7 @@ mode, and the causal collator. The prompt template, the label masking of pairs a
 shared with evaluation.py.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +12,12 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding
 
+from minigpt.train.chat import check_messages, encode_conversation
 from minigpt.train.data import read_rows
 from minigpt.train.pairs import ESCAPES_HELP, PromptTemplate, encode_pair, text_field_error, unescape
 
 logger = logging.getLogger("minigpt.train.finetune")
+MODES = ("causal", "supervised", "chat")
 
 
 @dataclass
@@ -24,7 +27,11 @@ class DataArguments:
     validation_split_percentage: float = field(
         default=0.0, metadata={"help": "Percent of train_file held out for evaluation when no validation_file."}
     )
-    mode: str = field(default="causal", metadata={"help": "causal (plain text) or supervised (prompt/answer pairs)."})
+    mode: str = field(
+        default="causal",
+        metadata={"help": "causal (plain text), supervised (prompt/answer pairs) or chat (conversations: .jsonl "
+                  "records {'messages': [{'role', 'content'}, ...]}, TRL's format; found by itself in a .jsonl)."},
+    )
     max_length: int | None = field(
         default=None, metadata={"help": "Tokens per training row (the block size when packing); default: the "
                                 "model's context (n_positions)."}
@@ -79,7 +86,8 @@ class CausalCollator(DataCollatorWithPadding):
 def check_data_file(path: str, mode: str, option: str = "--train_file") -> None:
     """Refuse, before anything is loaded, a data file that does not exist, is a folder or has a suffix this mode
     cannot read."""
-    wanted = ".txt, .jsonl or .json" if mode == "causal" else ".jsonl or .json with prompt and answer fields"
+    wanted = {"causal": ".txt, .jsonl or .json", "supervised": ".jsonl or .json with prompt and answer fields",
+              "chat": ".jsonl or .json with a messages field"}.get(mode, ".jsonl or .json")  # fmt: skip
     if Path(path).is_dir():
         raise IsADirectoryError(
             f"{option} {path} is a folder; fine-tuning takes one {wanted} file (minigpt-pretrain is the one that "
@@ -149,9 +157,13 @@ def tokenize_causal(rows: datasets.Dataset, tokenizer, args: DataArguments, max_
 
 def check_data_args(args: DataArguments) -> None:
     """Every data argument that can be checked without the model or the tokenizer, checked before either loads.
-    The template options take the escapes \\n, \\t and \\\\ (see ESCAPES_HELP): they are turned into the characters here."""
-    if args.mode not in ("causal", "supervised"):
-        raise ValueError(f"--mode {args.mode!r} is unknown; use causal (plain text) or supervised (pairs).")
+    The template options take the escapes \\n, \\t and \\\\ (see ESCAPES_HELP): they are turned into the characters here.
+    Conversations (records with a `messages` field) given in the default causal mode switch it to chat."""
+    if args.mode not in MODES:
+        raise ValueError(f"--mode {args.mode!r} is unknown; use causal (plain text), supervised (pairs) or chat.")
+    if args.mode == "causal" and args.train_file and holds_conversations(args.train_file):
+        logger.info("%s holds conversations ('messages' records): fine-tuning in chat mode", args.train_file)
+        args.mode = "chat"
     if args.truncation not in ("left", "error"):
         raise ValueError(f"--truncation {args.truncation!r} is unknown; use left or error.")
     if args.train_file is None:
@@ -161,6 +173,41 @@ def check_data_args(args: DataArguments) -> None:
         check_data_file(args.validation_file, args.mode, "--validation_file")
     args.prompt_template, args.separator = unescape(args.prompt_template), unescape(args.separator)
     template_of(args)  # a template without {prompt} is refused now
+
+
+def holds_conversations(path: str) -> bool:
+    """Whether the first record of a .jsonl file has a `messages` field."""
+    if not str(path).endswith(".jsonl") or not Path(path).is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return isinstance(record := json.loads(first), dict) and "messages" in record
+    except ValueError:
+        return False
+
+
+def tokenize_chat(rows: datasets.Dataset, tokenizer, max_length: int, name: str) -> datasets.Dataset:
+    if "messages" not in rows.column_names:
+        raise ValueError(f"{name} has no field 'messages'; its fields are {rows.column_names}. Chat mode reads TRL's "
+                         "conversational format: {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}.")  # fmt: skip
+
+    def encode(batch, indices):
+        out = {"input_ids": [], "labels": [], "truncated": []}
+        for i, messages in zip(indices, batch["messages"]):
+            check_messages(messages, f"{i + 1} of {name}")
+            ids, labels, truncated = encode_conversation(tokenizer, messages, max_length)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+        return out
+
+    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names)
+    truncated = sum(encoded["truncated"])
+    if truncated:
+        logger.warning("%d of %d conversations of %s were longer than max_length=%d; they lost their first tokens.",
+                       truncated, len(encoded), name, max_length)  # fmt: skip
+    return encoded.remove_columns("truncated")
 
 
 def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
@@ -174,6 +221,8 @@ def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):
     def tokenize(rows, name):
         if args.mode == "causal":
             return tokenize_causal(rows, tokenizer, args, max_length, name)
+        if args.mode == "chat":
+            return tokenize_chat(rows, tokenizer, max_length, name)
         return tokenize_supervised(rows, tokenizer, template_of(args), args, max_length, name)
 
     train = tokenize(train_rows, args.train_file)
