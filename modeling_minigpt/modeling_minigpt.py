@@ -17,6 +17,7 @@ accepted (see `accepts_both_cache_names`).
 """
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -226,7 +227,16 @@ class MiniGPTAttention(nn.Module):
         if position_embeddings is not None:  # rotary
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # (B, nh, S, hs)
+            if isinstance(cache, Cache) or "read_index" not in inspect.signature(cache.update).parameters:
+                # the keyword arguments go along, as transformers' Llama passes them: continuous batching's
+                # PagedAttentionCache reads this batch's read and write indices from them and fills in, in place, what
+                # the attention function then needs (each sequence's key lengths, the block table); others ignore them
+                key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)  # (B, nh, S, hs)
+            else:
+                # continuous batching before that (transformers 5.17): the paged attention functions (paged|sdpa, ...)
+                # update the PagedAttentionCache themselves, with the indices only they pass it, and take it from their
+                # keyword arguments, where Llama there leaves it
+                kwargs["cache"] = cache
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -412,10 +422,22 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # The cache is asked its length only where that is used: to derive positions, and for the checks. Continuous
+        # batching (generate_batch, `transformers serve --continuous-batching`) passes a PagedAttentionCache, which
+        # packs sequences of different lengths into one row (B = 1) and so has no get_seq_length(); it always passes
+        # each token's position, and the checks take its batch as new input (every id and position checked each step).
+        past_length = None
         if position_ids is None:
+            past_length = cache.get_seq_length() if cache is not None else 0
             position_ids = self._default_position_ids(attention_mask, B, T, past_length)
-        if not torch.compiler.is_compiling():  # checks sync with the device; a compiled graph skips them
+        # checks sync with the device: a compiled graph skips them, and so does a CUDA graph being captured (by
+        # continuous batching), where a sync is an error
+        may_sync = not torch.compiler.is_compiling() and not (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        )
+        if may_sync:
+            if past_length is None:
+                past_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
             check_inputs(self.config, input_ids, attention_mask, position_ids, B, T, past_length)
 
         if inputs_embeds is None:
