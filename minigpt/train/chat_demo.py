@@ -1,6 +1,6 @@
 """A chat model that learns a task made at run time, asked through the OpenAI API: `minigpt-chat-demo`.
 
-    minigpt-chat-demo [--base runs/tiny] [--output_dir runs/chat] [--max_steps 1000]
+    minigpt-chat-demo [--base runs/tiny] [--output_dir runs/chat] [--max_steps 1200]
 
 1. The base model: the tiny preset's (`minigpt-pretrain --config tiny`) in --base, pretrained first where the folder
    holds none.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--base", default="runs/tiny", help="the base model folder (pretrained here with the tiny preset "
                    "where it holds no model)")  # fmt: skip
     p.add_argument("--output_dir", default="runs/chat", help="the chat model, its data and the served answers")
-    p.add_argument("--max_steps", type=int, default=1000, help="fine-tuning steps (batch 16)")
+    p.add_argument("--max_steps", type=int, default=1200, help="fine-tuning steps (batch 16)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the fine-tune")
     args = p.parse_args(argv)
     try:

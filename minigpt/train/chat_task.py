@@ -11,11 +11,10 @@ _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io"]
 
 
 def make_names(count: int, seed: int) -> list[str]:
-    """`count` distinct made-up names of two or three syllables, capitalised."""
+    """`count` distinct made-up names of two syllables, capitalised (at most 20,736 of them)."""
     rng, names = random.Random(seed), set()
     while len(names) < count:
-        syllables = rng.choice((2, 2, 3))
-        names.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)).capitalize())
+        names.add("".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)).capitalize())
     return sorted(names)
 
 
