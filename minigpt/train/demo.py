@@ -24,7 +24,8 @@ from minigpt.train import generate, pretrain
 from minigpt.train.args import parse_args
 from minigpt.folders import load_pretrained
 from minigpt.train.checkpoints import latest_checkpoint
-from minigpt.train.data import prepare_data, unigram_perplexity
+from minigpt.train.data import prepare_data
+from minigpt.train.tokens import unigram_perplexity
 
 # What the demo passes to minigpt.train.pretrain before the user's own flags, which override these values (a
 # --config of the user's replaces the preset: pretrain reads the first --config it sees).

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 import modeling_minigpt  # noqa: F401  (registers MiniGPT with the Auto classes)
 from minigpt.commands import one_line_usage, run_cli
 from minigpt.folders import load_pretrained
-from minigpt.train.data import read_rows
+from minigpt.train.corpus import read_rows
 from minigpt.train.metrics import load_metric
 from minigpt.train.pairs import (
     ESCAPES_HELP,

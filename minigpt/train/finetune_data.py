@@ -13,7 +13,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from minigpt.train.chat import check_messages, encode_conversation
-from minigpt.train.data import read_rows
+from minigpt.train.corpus import read_rows
 from minigpt.train.pairs import ESCAPES_HELP, PromptTemplate, encode_pair, text_field_error, unescape
 
 logger = logging.getLogger("minigpt.train.finetune")
@@ -115,24 +115,31 @@ def tokenize_supervised(rows: datasets.Dataset, tokenizer, template: PromptTempl
                 "with --prompt_field and --answer_field."
             )
 
-    def encode(batch, indices):
+    def encode(i, row):
+        return encode_pair(tokenizer, template, row[args.prompt_field], row[args.answer_field], max_length,
+                           args.truncation, row=f"{i + 1} of {name}")  # fmt: skip
+
+    return labelled_rows(rows, encode, f"rows of {name}", "their prompts lost tokens on the left", max_length)
+
+
+def labelled_rows(rows: datasets.Dataset, encode, what: str, lost: str, max_length: int) -> datasets.Dataset:
+    """Rows of input_ids and labels, `encode(index, row)` giving each (ids, labels, truncated); warns how many were
+    longer than max_length and what they `lost`."""
+
+    def encode_batch(batch, indices):
         out = {"input_ids": [], "labels": [], "truncated": []}
-        for i, prompt, answer in zip(indices, batch[args.prompt_field], batch[args.answer_field]):
-            ids, labels, truncated = encode_pair(
-                tokenizer, template, prompt, answer, max_length, args.truncation, row=f"{i + 1} of {name}"
-            )
+        for n, i in enumerate(indices):
+            ids, labels, truncated = encode(i, {key: values[n] for key, values in batch.items()})
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["truncated"].append(truncated)
         return out
 
-    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names)
+    encoded = rows.map(encode_batch, batched=True, with_indices=True, remove_columns=rows.column_names)
     truncated = sum(encoded["truncated"])
     if truncated:
-        logger.warning(
-            "%d of %d rows of %s were longer than max_length=%d; their prompts lost tokens on the left.",
-            truncated, len(encoded), name, max_length,
-        )
+        logger.warning("%d of %d %s were longer than max_length=%d; %s.", truncated, len(encoded), what, max_length,
+                       lost)  # fmt: skip
     return encoded.remove_columns("truncated")
 
 
@@ -192,22 +199,11 @@ def tokenize_chat(rows: datasets.Dataset, tokenizer, max_length: int, name: str)
         raise ValueError(f"{name} has no field 'messages'; its fields are {rows.column_names}. Chat mode reads TRL's "
                          "conversational format: {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}.")  # fmt: skip
 
-    def encode(batch, indices):
-        out = {"input_ids": [], "labels": [], "truncated": []}
-        for i, messages in zip(indices, batch["messages"]):
-            check_messages(messages, f"{i + 1} of {name}")
-            ids, labels, truncated = encode_conversation(tokenizer, messages, max_length)
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["truncated"].append(truncated)
-        return out
+    def encode(i, row):
+        check_messages(row["messages"], f"{i + 1} of {name}")
+        return encode_conversation(tokenizer, row["messages"], max_length)
 
-    encoded = rows.map(encode, batched=True, with_indices=True, remove_columns=rows.column_names)
-    truncated = sum(encoded["truncated"])
-    if truncated:
-        logger.warning("%d of %d conversations of %s were longer than max_length=%d; they lost their first tokens.",
-                       truncated, len(encoded), name, max_length)  # fmt: skip
-    return encoded.remove_columns("truncated")
+    return labelled_rows(rows, encode, f"conversations of {name}", "they lost their first tokens", max_length)
 
 
 def build_datasets(args: DataArguments, tokenizer, max_length: int, seed: int):

@@ -48,7 +48,8 @@ from minigpt.folders import write_model_code
 from minigpt.schedule import get_lr
 from minigpt.train.args import TrainArguments, adapt_recipe, build_config, parse_run, warmup_warning
 from minigpt.train.checkpoints import latest_checkpoint, prepare_checkpoint_root, save_checkpoint
-from minigpt.train.data import DataError, PreparedData, prepare_data
+from minigpt.train.data import DataError, prepare_data
+from minigpt.train.tokens import PreparedData
 from minigpt.train.faults import DebugHooks, NonFiniteLoss, StopOnSignal, dump_rank, nonfinite_state
 from minigpt.train.loader import step_batches, steps_per_epoch, stream_batches
 from minigpt.train.monitoring import RunLog, describe_hardware, plot_losses

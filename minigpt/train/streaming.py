@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt.train.corpus import DataError, load_documents, load_hub_documents, resolve_data_files
 from minigpt.train.tokenizer import load_tokenizer, train_tokenizer
-from minigpt.train.tokens import TokenBlocks, encode_documents, tokenizer_threads
+from minigpt.train.tokens import PreparedData, TokenBlocks, encode_documents, tokenizer_threads, unigram_perplexity
 
 DOCUMENTS_PER_READ = 64  # documents tokenized at a time
 TOKENIZER_MB = 20  # at most this much of the stream trains the BPE, so that the first step comes within seconds
@@ -89,7 +90,6 @@ def prepare_stream(args, cache_root: Path, log=print):
     """PreparedData for --streaming: the validation split read now (the first --validation_documents documents),
     the training stream opened but not read. Without --tokenizer, a BPE is trained on the first
     --tokenizer_train_mb MB of the training stream and kept in the cache for the other processes and later runs."""
-    from minigpt.train.data import DataError, PreparedData, load_documents, load_hub_documents, resolve_data_files
 
     files = [] if args.dataset_name else resolve_data_files(args.data or [])
     if not files and not args.dataset_name:
@@ -118,8 +118,6 @@ def prepare_stream(args, cache_root: Path, log=print):
     source = args.dataset_name or ", ".join(files)
     log(f"streaming {source}: validation is its first {n_val} documents ({len(validation)} blocks), held out of "
         "training; training reads the rest, tokenizing and packing as it goes")  # fmt: skip
-    from minigpt.train.data import unigram_perplexity
-
     info = {"files": files or [source], "corpus": "user", "streaming": True, "documents": {"validation": n_val},
             "tokens": {"validation": len(validation.tokens)}, "blocks": {"validation": len(validation)},
             "vocab_size": len(tokenizer),

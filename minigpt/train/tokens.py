@@ -8,12 +8,15 @@ new --block_size reads the same files, and nothing but the ids themselves is kep
 
 import itertools
 import json
+import math
 import os
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 STORE_FORMAT = "minigpt-token-store-1"  # info.json's "format": what marks a folder as a token store
 SPLITS = ("train", "validation")
@@ -108,3 +111,25 @@ class TokenBlocks:
     def iter(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             yield self[np.arange(start, min(start + batch_size, len(self)))]
+
+
+@dataclass
+class PreparedData:
+    train: "TokenBlocks | StreamBlocks"  # noqa: F821  (rows of block_size token ids; a stream with --streaming)
+    validation: TokenBlocks
+    tokenizer: PreTrainedTokenizerBase
+    cache_dir: str
+    from_cache: bool
+    info: dict  # sources, document and token counts, unigram perplexity of the validation split
+
+
+def unigram_perplexity(blocks, vocab_size: int) -> float:
+    """Perplexity of the split's own unigram distribution over the tokens a causal LM predicts (each block's 1:).
+
+    It is the lowest perplexity any context-free model reaches on this split, so it is the bar to beat.
+    """
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for batch in blocks.with_format("numpy").iter(batch_size=1024):
+        counts += np.bincount(np.asarray(batch["input_ids"])[:, 1:].ravel(), minlength=vocab_size)[:vocab_size]
+    p = counts[counts > 0] / counts.sum()
+    return float(math.exp(-(p * np.log(p)).sum()))
