@@ -193,3 +193,17 @@ def test_a_hub_dataset_trains_prepared_and_streamed(hub, tmp_path):
                              timeout=600)  # fmt: skip
     assert missing.returncode == 1 and "--dataset_name 'alice/absent' could not be loaded" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_sources_of_every_kind_mix_and_a_streamed_csv_finds_its_column(tmp_path):
+    """.csv and pandas-written .parquet give `large_string` columns where .txt and .jsonl give `string`; a streamed
+    .csv knows its columns only once read."""
+    paths = tables(tmp_path)
+    text = write_txt(tmp_path / "more.txt", make_corpus(30, seed=9))
+    mixed = prepare(tmp_path, [paths["csv"], paths["parquet"], text], text_field="body")
+    assert sum(mixed.info["documents"].values()) == 2 * len(DOCS) + 30
+    stream = prepare(tmp_path, [paths["csv"]], text_field="body", streaming=True, validation_documents=5,
+                     tokenizer=str(Path(mixed.cache_dir) / "tokenizer"))  # fmt: skip
+    assert next(stream.train.blocks()).shape == (16,)
+    with pytest.raises(DataError, match=r"has no field 'text'; its fields are \['id', 'body'\]"):
+        prepare(tmp_path, [paths["csv"]], streaming=True, tokenizer=str(Path(mixed.cache_dir) / "tokenizer"))

@@ -166,9 +166,10 @@ def read_arguments(
         if unknown:
             raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help.")
         argv = _config_argv(values) + list(argv)
+    groups = parser.parse_args_into_dataclasses(args=argv)  # first: --help prints the real defaults and exits
     if given is not None:
         given |= _named_in(parser, argv)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return groups
 
 
 def _named_in(parser: HfArgumentParser, argv: list[str]) -> set[str]:

@@ -229,8 +229,13 @@ def _read_tables(builder: str, paths: list[str], streaming: bool, cache_dir: str
 
 
 def _text_column(table, text_field: str, name: str, kind: str):
-    """The table's `text_field` column as `text`; an error that lists the columns when it has none of that name."""
-    columns = table.column_names or list((table.features or {}).keys())
+    """The table's `text_field` column as `text` (one string type for every source, so that they concatenate); an
+    error that lists the columns when it has none of that name."""
+    import datasets
+
+    columns = table.column_names
+    if columns is None:  # a stream whose columns are known only once read (a .csv): its first row says
+        columns = list(next(iter(table), None) or {})
     if text_field not in columns:
         raise DataError(
             f"The {kind} {name} has no field {text_field!r}; its fields are {columns}. Pass the column that holds "
@@ -239,9 +244,11 @@ def _text_column(table, text_field: str, name: str, kind: str):
     table = table.select_columns([text_field])
     if text_field != "text":
         table = table.rename_column(text_field, "text")
-    features = table.features or {}
-    if "text" in features and getattr(features["text"], "dtype", None) not in ("string", "large_string"):
-        raise DataError(f"The {kind} field {text_field!r} holds {features['text']}, not text ({name}).")
+    dtype = getattr((table.features or {}).get("text"), "dtype", None)
+    if dtype == "large_string":  # .csv and pandas-written .parquet; .txt and .jsonl give string
+        table = table.cast_column("text", datasets.Value("string"))
+    elif dtype not in (None, "string"):
+        raise DataError(f"The {kind} field {text_field!r} holds {table.features['text']}, not text ({name}).")
     return table
 
 

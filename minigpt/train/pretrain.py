@@ -159,7 +159,7 @@ def setup(argv: list[str] | None = None) -> Run:
             raise SystemExit(f"pretrain: error: {e}") from None
     config = build_config(model_args, data_args, vocab_size=len(data.tokenizer), tokenizer=data.tokenizer)
     model = MiniGPTForCausalLM(config)
-    model.generation_config = sampling_defaults(data.tokenizer)
+    model.generation_config = sampling_defaults(data.tokenizer, config.n_positions)
     make_optimizer = partial(configure_optimizer, args=args, device=accelerator.device)
     model, optimizer, sharding = prepare(accelerator, model, make_optimizer, args.fsdp, args.compile)
 
@@ -191,14 +191,15 @@ def setup(argv: list[str] | None = None) -> Run:
     return run
 
 
-def sampling_defaults(tokenizer) -> GenerationConfig:
-    """The generation config every checkpoint carries (transformers 5 refuses sampling defaults in config.json)."""
+def sampling_defaults(tokenizer, n_positions: int) -> GenerationConfig:
+    """The generation config every checkpoint carries (transformers 5 refuses sampling defaults in config.json). A
+    call that names no length (a server request without max_tokens) writes at most half the context."""
     return GenerationConfig(
         do_sample=True,
         temperature=0.8,
         top_k=50,
         top_p=0.95,
-        max_new_tokens=256,
+        max_new_tokens=min(256, n_positions // 2),
         repetition_penalty=1.1,
         use_cache=True,  # transformers' export recipes (torch.export, ExecuTorch) refuse a checkpoint without it
         **special_token_ids(tokenizer),
