@@ -119,7 +119,7 @@ def test_conversations_are_found_by_themselves_and_bad_ones_are_refused(tmp_path
     assert args.mode == "chat"
     base = make_checkpoint(tmp_path / "base")
     for rows, message in (([{"messages": [{"role": "user", "content": "hi"}]}], "no assistant turn"),
-                          ([{"messages": [{"role": "bot", "content": "hi"}]}], "'messages' must be a list of"),
+                          ([{"messages": [{"role": "bot", "content": "hi"}]}], "must be a list of .*its message 1 is"),
                           ([{"text": "no messages"}], "has no field 'messages'")):  # fmt: skip
         bad = write_jsonl(tmp_path / "bad.jsonl", rows)
         with pytest.raises(ValueError, match=message):

@@ -75,12 +75,12 @@ def pairs_chat_template(prompt_template: str, separator: str, add_bos: bool) -> 
 def check_messages(messages, row: str) -> None:
     """A conversation of role/content messages that ends with the assistant's turn, or a ValueError naming the row."""
     roles = ("system", "user", "assistant")
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in messages
-    ):
-        raise ValueError(
-            f"row {row}: 'messages' must be a list of {{'role': one of {roles}, 'content': text}}; got {messages!r:.200}"
-        )
+    shape = f"'messages' must be a list of {{'role': one of {roles}, 'content': text}}"
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"row {row}: {shape}; got {messages!r:.200}")
+    for n, m in enumerate(messages, 1):
+        if not (isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str)):
+            raise ValueError(f"row {row}: {shape}; its message {n} is {m!r:.200}")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"row {row}: the conversation has no assistant turn, so nothing to learn.")
 

@@ -189,7 +189,8 @@ def read_rows(
     try:
         return datasets.load_dataset("json", data_files=files, encoding_errors=encoding_errors, split="train")
     except Exception as e:  # pyarrow's and datasets' parse errors have no common base class
-        raise DataError(f"Could not parse the JSON Lines files {files}: {e}. Each line must be one JSON object.") from e
+        raise DataError(f"Could not parse the JSON Lines files {files}: {_what_failed(e)}. Each line must be one JSON "
+                        "object.") from e  # fmt: skip
 
 
 def _read_documents(text_files, tables, text_field, text_unit, files, streaming, cache_dir):
@@ -225,7 +226,14 @@ def _read_tables(builder: str, paths: list[str], streaming: bool, cache_dir: str
     except Exception as e:  # pyarrow's and datasets' parse errors have no common base class
         kind = "JSON Lines files" if builder == "json" else f"{builder} files"
         fix = " Each line must be one JSON object." if builder == "json" else ""
-        raise DataError(f"Could not parse the {kind} {paths}: {e}.{fix}") from e
+        raise DataError(f"Could not parse the {kind} {paths}: {_what_failed(e)}.{fix}") from e
+
+
+def _what_failed(error: BaseException) -> str:
+    """datasets' "An error occurred while generating the dataset" with the parser's own message (pyarrow's names the
+    row, counting from 0) that it wraps."""
+    cause = error.__cause__ or error.__context__
+    return f"{error} ({' '.join(str(cause).split())})" if cause is not None else str(error)
 
 
 def _text_column(table, text_field: str, name: str, kind: str):

@@ -214,7 +214,8 @@ def prepare_data(args: DataArguments, log=print) -> PreparedData:
     if args.data and any(Path(d).suffix in TOKEN_SUFFIXES for d in args.data):
         return token_file_data(args)
     if args.data and len(args.data) == 1 and is_token_store(Path(args.data[0]).expanduser()):
-        log(f"Reading the token store {args.data[0]} (its own tokenizer).")
+        ignored = " --tokenizer is ignored: its ids are those of the store's tokenizer." if args.tokenizer else ""
+        log(f"Reading the token store {args.data[0]} (its own tokenizer).{ignored}")
         return load_store(Path(args.data[0]).expanduser(), args.block_size, from_cache=True)
     corpus_name, files = None, []
     if args.data:
