@@ -157,3 +157,19 @@ def test_trls_sfttrainer_with_assistant_only_loss_trains_on_the_same_tokens(chat
         assert labels[: len(ours)] == ours and set(labels[len(ours) :]) <= {-100}
     result = trainer.train()
     assert math.isfinite(result.training_loss)
+
+
+@pytest.mark.slow
+def test_the_chat_demo_trains_serves_and_scores_every_held_out_question(tmp_path):
+    """minigpt-chat-demo end to end on a tiny base, cut to a few steps: it fine-tunes, serves the model and asks each
+    held-out question through the openai client (the accuracy itself is the README's, from the full run)."""
+    pytest.importorskip("openai")
+    from minigpt.train import chat_demo
+
+    base = make_checkpoint(tmp_path / "base", n_positions=256)  # its BPE splits the made-up names into many pieces
+    accuracy = chat_demo.main(["--base", str(base), "--output_dir", str(tmp_path / "chat"), "--max_steps", "3",
+                               "--target", "0"])  # fmt: skip
+    answers = [json.loads(line) for line in (tmp_path / "chat" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == chat_demo.HELD_OUT and 0 <= accuracy <= 1
+    assert accuracy == sum(a["reply"] == a["expected"] for a in answers) / len(answers)
+    assert all(a["messages"][-1]["role"] == "user" for a in answers)
