@@ -16,7 +16,6 @@ the weights and `trust_remote_code=True` loads it without this package installed
 accepted (see `accepts_both_cache_names`).
 """
 
-import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -37,50 +36,14 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import capture_outputs
 
 from .chunked_loss import computes_plain_linear, fused_linear_cross_entropy
 from .configuration_minigpt import MiniGPTConfig
 from .input_checks import check_inputs
+from .transformers_compat import CACHE_NAME, accepts_both_cache_names, add_to_transformers_name_tables
 
 logger = logging.get_logger(__name__)
-
-# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name stays,
-# deprecated, until 5.40); 5.17 to 5.23 know only `past_key_values`. Every forward here takes `cache`, and one
-# decorator maps the other name onto it: with transformers' own deprecation warning where `cache` is the current
-# name (as its built-in models do), silently where `past_key_values` still is. Given both, `cache` wins, as in
-# transformers' models, except where it is empty and `past_key_values` is not: PEFT's prefix tuning passes its prefix
-# as `past_key_values` while transformers >= 5.24's generate passes its own new, empty `cache`, and the prefix is what
-# the caller means (GPT-2 keeps the empty cache there and silently generates without the prefix).
-CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def _holds_tokens(cache: Cache | None) -> bool:
-    return cache is not None and cache.get_seq_length() > 0
-
-
-def accepts_both_cache_names(forward: Callable) -> Callable:
-    if CACHE_NAME == "cache":
-        forward = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
-
-    @functools.wraps(forward)
-    def forward_taking_both_names(*args, **kwargs):
-        cache, past_key_values = kwargs.get("cache"), kwargs.get("past_key_values")
-        if cache is not None and past_key_values is not None and cache is not past_key_values:
-            if _holds_tokens(past_key_values) and not _holds_tokens(cache):
-                del kwargs["cache"]  # the prefix PEFT passes beside generate's new cache
-            elif CACHE_NAME == "past_key_values":  # transformers >= 5.24 warns and keeps `cache`; so does this
-                logger.warning_once("Both `past_key_values` and `cache` are set; using `cache`.")
-                del kwargs["past_key_values"]
-        if CACHE_NAME == "past_key_values":
-            past_key_values = kwargs.pop("past_key_values", None)
-            if past_key_values is not None:
-                kwargs["cache"] = past_key_values
-        return forward(*args, **kwargs)
-
-    return forward_taking_both_names
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Position encodings. Learned and sinusoidal ones are added to the token embeddings; rotary ones turn q and k.
@@ -591,31 +554,17 @@ class MiniGPTForQuestionAnswering(GenericForQuestionAnswering, MiniGPTPreTrained
         self.post_init()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# transformers' name tables. Some behaviour is keyed on a model's class *name* in transformers' built-in tables, which
-# `AutoModelFor*.register` does not reach: Trainer shifts the labels for label smoothing only for the names in
-# MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (any other model is smoothed against unshifted labels, so it learns to copy its
-# input), refuses a bare base model by MODEL_MAPPING_NAMES, and the model card and `transformers serve` read the task
-# from them. Done here, not in __init__.py, so that a checkpoint loaded with trust_remote_code registers too. Each
-# table maps a model_type to a class name; "minigpt" is in no built-in CONFIG_MAPPING_NAMES, so the lazy Auto mappings
-# built on these tables skip the entry, and Auto loading keeps going through the registered classes or auto_map.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _add_to_transformers_name_tables() -> None:
-    from transformers.models.auto import modeling_auto
-
-    for table, cls in (
-        (modeling_auto.MODEL_MAPPING_NAMES, MiniGPTModel),
-        (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MiniGPTForCausalLM),
-        (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, MiniGPTForSequenceClassification),
-        (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, MiniGPTForTokenClassification),
-        (modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, MiniGPTForQuestionAnswering),
-    ):
-        table.setdefault(MiniGPTConfig.model_type, cls.__name__)
-
-
-_add_to_transformers_name_tables()
+# transformers decides some behaviour by a model's class *name* in its built-in tables (see transformers_compat.py)
+add_to_transformers_name_tables(
+    MiniGPTConfig.model_type,
+    {
+        "MODEL_MAPPING_NAMES": MiniGPTModel,
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": MiniGPTForCausalLM,
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES": MiniGPTForSequenceClassification,
+        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES": MiniGPTForTokenClassification,
+        "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES": MiniGPTForQuestionAnswering,
+    },
+)
 
 __all__ = [
     "MiniGPTPreTrainedModel",

@@ -202,6 +202,7 @@ def test_pushed_repo_holds_a_complete_checkpoint(hub, pushed, checkpoint):
         "modeling_minigpt.py",
         "chunked_loss.py",
         "input_checks.py",
+        "transformers_compat.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "training_summary.json",
