@@ -109,5 +109,5 @@ def test_bench_variants_trains_the_baseline_and_a_variant_and_writes_the_table(t
     (row,) = payload["results"]
     assert (row["position"], row["norm"], row["activation"]) == ("learned", "post", "relu")
     assert row["val_loss"] > 0 and row["vs_baseline"] == pytest.approx(row["val_loss"] / payload["baseline"]["mean"])
-    assert "post-LN warms up over 40 of 60 steps instead of 30" in row["recipe"]
+    assert "post-LN warms up over 40 of 60 steps instead of 10" in row["recipe"]
     assert "| learned | post | relu |" in json_file.with_suffix(".md").read_text()

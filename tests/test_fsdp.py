@@ -72,7 +72,10 @@ def test_fsdp_on_two_cpu_ranks_shards_matches_one_process_saves_loadable_folders
     # the same blocks per step in one process (2 ranks x 4 = 1 x 8): the same weights, to rounding
     single = tmp_path / "single"
     main(tiny_args(corpus, single, "--n_layer", 2, "--max_steps", STEPS, "--batch_size", 2 * BATCH))
-    assert_same_weights(out, single, atol=1e-6)
+    # rounding only: the reduce-scatter sums in another order, and both of the recipe's normalised updates (Muon's
+    # orthogonalisation, Adam's division by the RMS of tiny bias gradients) carry that to ~1e-6 (measured: Muon
+    # 1.0e-6, AdamW 5.5e-7, both on a qkv bias); a shard trained wrongly is off by ~1e-2
+    assert_same_weights(out, single, atol=5e-6)
     fsdp_log, single_log = read_log(out), read_log(single)
     assert [r["loss"] for r in fsdp_log if "loss" in r] == pytest.approx(
         [r["loss"] for r in single_log if "loss" in r], rel=1e-5

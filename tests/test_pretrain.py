@@ -47,6 +47,16 @@ def test_lr_schedule_warms_up_then_decays_by_cosine():
     assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
 
 
+def test_warmup_stable_decay_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+    lr = lambda s: get_lr(s, 1.0, 0.1, warmup_steps=10, max_steps=110, kind="warmup_stable_decay", decay_ratio=0.4)  # noqa: E731
+    assert lr(0) == pytest.approx(1 / 11) and lr(10) == 1.0 and lr(66) == 1.0  # the decay starts at 110 - 44
+    assert lr(77) == pytest.approx(1.0 - 0.9 * 11 / 44)  # a quarter of the way down
+    assert lr(109) == pytest.approx(1.0 - 0.9 * 43 / 44) and lr(110) == pytest.approx(0.1)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+    # a decay longer than the steps after warmup starts where the warmup ends
+    assert get_lr(2, 1.0, 0.0, warmup_steps=2, max_steps=4, kind="warmup_stable_decay", decay_ratio=1.0) == 1.0
+
+
 def test_packed_blocks_keep_every_eos_as_a_target():
     """Pretraining blocks are full (the tail is dropped), so no label is masked, least of all by id: with a
     tokenizer whose pad token is EOS (a GPT-2-style one given as --tokenizer), every separator stays a target."""
@@ -139,10 +149,13 @@ def test_run_writes_a_loadable_model_checkpoints_logs_and_plot(corpus, tmp_path)
     assert text["generated_text"].startswith("the king")
 
 
-def test_resume_continues_exactly_where_the_run_stopped(corpus, tmp_path, debug_hooks):
-    # dropout and accumulation on, and the stop falls mid-epoch, so RNG, data position and schedule must all resume
+@pytest.mark.parametrize("optimizer, schedule", [("muon", "warmup_stable_decay"), ("adamw", "cosine")])
+def test_resume_continues_exactly_where_the_run_stopped(corpus, tmp_path, debug_hooks, optimizer, schedule):
+    # dropout and accumulation on, and the stop falls mid-epoch, so RNG, data position and schedule must all resume;
+    # both recipes: Muon's momentum buffers and AdamW's moments must come back from the checkpoint
     debug_hooks(rank_dumps=1)
-    common = ("--max_steps", 12, "--gradient_accumulation_steps", 2, "--batch_size", 16, "--dropout", 0.1)
+    common = ("--max_steps", 12, "--gradient_accumulation_steps", 2, "--batch_size", 16, "--dropout", 0.1,
+              "--optimizer", optimizer)  # fmt: skip
     a, b = tmp_path / "uninterrupted", tmp_path / "resumed"  # 9 steps per epoch
     main(tiny_args(corpus, a, *common))
     first = main(tiny_args(corpus, b, *common, "--stop_at_step", 5))
@@ -162,7 +175,8 @@ def test_resume_continues_exactly_where_the_run_stopped(corpus, tmp_path, debug_
         assert lb[step] == pytest.approx(la[step], abs=1e-6), step
     lr = {r["step"]: r["lr"] for r in read_log(b) if "lr" in r}
     assert lr == {r["step"]: r["lr"] for r in read_log(a) if "lr" in r}  # the schedule resumed too
-    assert lr[6] == pytest.approx(get_lr(5, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=12))
+    assert lr[6] == pytest.approx(get_lr(5, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=12, kind=schedule,
+                                         decay_ratio=0.4))  # fmt: skip
     # the resumed run consumed exactly the blocks the uninterrupted one did after step 5: no replay, no skip
     blocks_a = json.loads((a / "debug" / "rank0.json").read_text())["blocks"]
     blocks_b = first_blocks + json.loads((b / "debug" / "rank0.json").read_text())["blocks"]
@@ -307,8 +321,8 @@ def test_resume_prints_each_override_and_announces_a_schedule_change(corpus, tmp
     text = capsys.readouterr().out
     assert "resume: --max_steps 8 overrides the checkpoint's 4" in text
     assert "resume: --log_every 2 overrides the checkpoint's 1" in text
-    lr_then = get_lr(3, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=4)
-    lr_now = get_lr(3, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=8)
+    wsd = dict(max_lr=3e-3, min_lr=3e-4, warmup_steps=2, kind="warmup_stable_decay", decay_ratio=0.4)
+    lr_then, lr_now = get_lr(3, max_steps=4, **wsd), get_lr(3, max_steps=8, **wsd)  # in the decay; still stable
     assert (
         f"schedule: changed on resume (max_steps 4 -> 8): the learning rate of step 4 is {lr_now:.3g}, where the "
         f"checkpoint's schedule had {lr_then:.3g}" in text
@@ -409,3 +423,53 @@ def test_threads_are_chosen_as_in_the_other_scripts_and_printed(corpus, tmp_path
         assert "threads: 2 intra-op CPU thread(s) per process" in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ the recipes
+def test_a_checkpoint_saved_before_muon_resumes_with_adamw_and_cosine_exactly(corpus, tmp_path):
+    """train_state.json files written before --optimizer existed hold no optimizer or schedule type: they trained
+    with AdamW and the cosine schedule, and resume with them although the default is now Muon."""
+    a, b = tmp_path / "uninterrupted", tmp_path / "old"
+    common = ("--max_steps", 6, "--optimizer", "adamw")
+    main(tiny_args(corpus, a, *common))
+    main(tiny_args(corpus, b, *common, "--stop_at_step", 3))
+    saved = b / "checkpoints" / "step-3" / "train_state.json"
+    record = json.loads(saved.read_text())
+    for key in ("optimizer", "lr_scheduler_type", "decay_ratio", "muon_learning_rate", "muon_momentum"):
+        del record["args"]["train"][key]
+    saved.write_text(json.dumps(record))
+    assert main(["--resume", str(b)])["status"] == "done"
+    assert_same_weights(a, b, atol=1e-6)
+    lr = {r["step"]: r["lr"] for r in read_log(b) if "lr" in r}
+    assert lr[5] == pytest.approx(get_lr(4, max_lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=6))  # cosine
+
+
+def test_resume_with_another_optimizer_is_refused(corpus, tmp_path, capsys):
+    out = tmp_path / "muon"
+    main(tiny_args(corpus, out, "--max_steps", 4, "--stop_at_step", 2))
+    message = error_of(["--resume", str(out), "--optimizer", "adamw"], capsys)
+    assert "cannot resume from" in message and "with --optimizer adamw: it was trained with muon" in message
+
+
+def test_a_presets_other_recipe_is_one_flag_away():
+    """--config tiny is the Muon recipe; --optimizer adamw switches to the preset's AdamW recipe (nanoGPT's, the
+    default before Muon) as a whole, and flags still win over either."""
+    from minigpt.train.args import parse_run
+
+    def recipe(*argv):
+        train = parse_run(["--config", "tiny", *argv])[2]
+        return (train.optimizer, train.learning_rate, train.min_learning_rate, train.warmup_steps,
+                train.lr_scheduler_type)  # fmt: skip
+
+    assert recipe() == ("muon", 8e-3, 8e-4, 10, "warmup_stable_decay")
+    assert recipe("--optimizer", "adamw") == ("adamw", 2e-3, 2e-4, 30, "cosine")
+    assert recipe("--optimizer", "adamw", "--warmup_steps", "5") == ("adamw", 2e-3, 2e-4, 5, "cosine")
+    assert parse_run(["--optimizer", "adamw"])[2].lr_scheduler_type == "cosine"  # each optimizer's own schedule
+    assert parse_run([])[2].lr_scheduler_type == "warmup_stable_decay"
+
+
+def test_a_config_with_an_unknown_key_in_its_recipes_is_an_error(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("optimizer: muon\nrecipes:\n  adamw:\n    learning_rat: 1.0e-3\n")
+    message = error_of(["--config", str(config)], capsys)
+    assert "unknown arguments ['learning_rat']" in message and "`recipes:`" in message

@@ -23,7 +23,7 @@ base_model (the model it was fine-tuned from: a Hub id, or a record {"name", "hu
 "base_model"} that minigpt/train/finetune.py writes: its name, whether that is a Hub id, and what it was trained on),
 eval_dataset (name for the model-index), tokens (tokens_estimated: true when it is not a count), steps, batch_size,
 hardware, wall_time_s, learning_rate (the peak the run reached), configured_learning_rate and warmup_steps (to say
-why a peak fell short of the configured rate), final_train_loss, final_val_loss, val_perplexity. Common aliases (train_loss, eval_loss, perplexity, total_tokens,
+why a peak fell short of the configured rate), recipe (pretraining's optimizer and schedule in words), final_train_loss, final_val_loss, val_perplexity. Common aliases (train_loss, eval_loss, perplexity, total_tokens,
 global_step, ...) are understood as well.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
-from minigpt.schedule import peak_lr
+from minigpt.schedule import peak_lr, recipe_of
 
 # Marks a README.md this module wrote (or Trainer's automatic card): `minigpt.hub.push` may regenerate those, but it keeps
 # a README.md without either marker, since a person wrote it.
@@ -61,6 +61,7 @@ ALIASES = {
     "learning_rate": ("learning_rate", "lr"),  # the peak reached (the largest logged rate when nothing better)
     "configured_learning_rate": ("configured_learning_rate",),  # the schedule's nominal peak, when it differs
     "warmup_steps": ("warmup_steps",),
+    "recipe": ("recipe",),  # pretraining's optimizer and schedule in words (minigpt/schedule.py's recipe_of)
     "epochs": ("epochs", "num_train_epochs", "epoch"),
     "base_model": ("base_model",),
 }
@@ -125,6 +126,7 @@ def read_training_info(folder: Path) -> dict:
         for ours, value in (("learning_rate", train.get("learning_rate") if peak is None else peak),
                             ("configured_learning_rate", train.get("learning_rate")),
                             ("warmup_steps", train.get("warmup_steps")), ("step", state.get("step")),
+                            ("recipe", recipe_of(train)),
                             ("tokens_seen", state.get("tokens_seen")),
                             ("hardware", loop.get("hardware") or state.get("hardware"))):  # fmt: skip
             if value is not None:
@@ -395,6 +397,7 @@ def _body(name, repo_id, config, info, n_params, dtype, images, revision, templa
         f"- **Optimizer steps:** {_fmt(info['steps']) if 'steps' in info else not_recorded}"
         + (f" (batch {_fmt(info['batch_size'])})" if "batch_size" in info else "")
         + _learning_rate(info),
+        *([f"- **Recipe:** {info['recipe']}"] if info.get("recipe") else []),
         f"- **Hardware:** {info.get('hardware', not_recorded)}"
         + (f", {_duration(info['wall_time_s'])}" if isinstance(info.get("wall_time_s"), (int, float)) else ""),
         f"- **Final training loss:** {_fmt(info['final_train_loss']) if 'final_train_loss' in info else not_recorded}",

@@ -67,8 +67,26 @@ class TrainArguments:
     max_steps: int = arg(1000, "Optimizer steps to train for (the schedule's length).")
     batch_size: int = arg(16, "Sequences per micro-batch, per process.")
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
-    learning_rate: float = arg(6e-4, "Peak learning rate, reached after warmup.")
-    min_learning_rate: float = arg(6e-5, "Learning rate at the end of the cosine decay.")
+    optimizer: str = arg(
+        "muon",
+        "muon: Muon for the blocks' weight matrices, AdamW for embeddings, biases and norms (minigpt/train/optim.py); "
+        "adamw: AdamW for everything (nanoGPT's recipe). A resume keeps the checkpoint's.",
+        choices=["muon", "adamw"],
+    )
+    learning_rate: float = arg(6e-4, "Peak AdamW learning rate, reached after warmup.")
+    min_learning_rate: float = arg(
+        6e-5, "AdamW learning rate at the end of the decay; Muon's ends at the same fraction of its peak."
+    )
+    muon_learning_rate: float = arg(0.02, "Peak Muon learning rate (--optimizer muon).")
+    muon_momentum: float = arg(0.95, "Muon's Nesterov momentum (--optimizer muon).")
+    lr_scheduler_type: str | None = arg(
+        None,
+        "cosine: warmup, then cosine decay to --min_learning_rate; warmup_stable_decay: warmup, the peak rate, then a "
+        "linear decay over the last --decay_ratio of the steps. Default: the optimizer's, warmup_stable_decay for "
+        "muon and cosine for adamw.",
+        choices=["cosine", "warmup_stable_decay"],
+    )
+    decay_ratio: float = arg(0.4, "With warmup_stable_decay: the fraction of --max_steps spent decaying.")
     warmup_steps: int = arg(100, "Optimizer steps of linear warmup.")
     post_ln_warmup_fraction: float = arg(
         2 / 3,
@@ -76,7 +94,7 @@ class TrainArguments:
         "on the tiny preset a warmup of 30 of 300 steps left it at the unigram level (validation loss 6.09), one of "
         "200 reached 4.88-5.03, against 4.86 for pre-LN (benchmarks/bench_variants.py). 0 keeps --warmup_steps.",
     )
-    weight_decay: float = arg(0.1, "AdamW weight decay, on 2-D weights only.")
+    weight_decay: float = arg(0.1, "Weight decay of AdamW's and Muon's 2-D weights (never biases or norms).")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.95, "AdamW beta2.")
     max_grad_norm: float = arg(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
@@ -138,6 +156,10 @@ class TrainArguments:
     hub_private: bool = arg(False, "Create the Hub repo as private.")
 
 
+# the schedule each optimizer's recipe uses unless --lr_scheduler_type names one
+SCHEDULE_OF = {"muon": "warmup_stable_decay", "adamw": "cosine"}
+
+
 class ConfigError(ValueError):
     """A config file that is not a mapping of known argument names to values."""
 
@@ -150,7 +172,8 @@ def read_arguments(
 
     The file's values go in as if typed before the command line, so argparse checks their types, choices and lists
     (parser.set_defaults would not: `max_steps: null` or `data: a.txt` broke deep inside), and the command line
-    wins. null means the default. Raises FileNotFoundError for a missing file, ConfigError for unknown keys, and
+    wins. null means the default. A `recipes:` mapping holds the values that one --optimizer choice takes instead of
+    the file's (a preset's two recipes). Raises FileNotFoundError for a missing file, ConfigError for unknown keys, and
     ValueError for tokens that belong to no flag. A `given` set receives the names the file or the command line set,
     whatever their value (`logging_steps: 500` in a file is a choice, not the default).
     """
@@ -162,9 +185,15 @@ def read_arguments(
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of argument names to values.")
         known = {f.name for dc in parser.dataclass_types for f in fields(dc)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help.")
+        recipes = (values.pop("recipes", None) or {}) if "optimizer" in known else {}
+        unknown = sorted(set(values) - known) + sorted(k for r in recipes.values() for k in set(r or {}) - known)
+        if unknown or not isinstance(recipes, dict) or not all(isinstance(r, dict) for r in recipes.values()):
+            raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help, and "
+                              "`recipes:` maps an --optimizer choice to such keys.")  # fmt: skip
+        if recipes:  # the chosen optimizer's own values replace the file's (the command line still wins)
+            chosen = next(g.optimizer for g in parser.parse_args_into_dataclasses(args=_config_argv(values) + argv)
+                          if hasattr(g, "optimizer"))  # fmt: skip
+            values = {**values, **recipes.get(chosen, {})}
         argv = _config_argv(values) + list(argv)
     groups = parser.parse_args_into_dataclasses(args=argv)  # first: --help prints the real defaults and exits
     if given is not None:
@@ -224,6 +253,7 @@ def parse_run(
         parser.error(str(e))
     except ValueError as e:  # stray tokens: HfArgumentParser raises where argparse would report a usage error
         parser.error(f"{e}; each flag takes one value (--data takes several).")
+    train_args.lr_scheduler_type = train_args.lr_scheduler_type or SCHEDULE_OF[train_args.optimizer]
     try:
         check_args(model_args, data_args, train_args)
     except (UsageError, DataError) as e:
@@ -260,6 +290,11 @@ def check_args(model: ModelArguments, data: DataArguments, train: TrainArguments
                  if not math.isfinite(getattr(train, k))]  # fmt: skip
     problems += [f"--{k} must lie in [0, 1), got {getattr(train, k)}." for k in ("adam_beta1", "adam_beta2")
                  if not 0 <= getattr(train, k) < 1]  # fmt: skip
+    if not 0 <= train.decay_ratio <= 1:
+        problems.append(f"--decay_ratio must lie in [0, 1], got {train.decay_ratio}.")
+    if not 0 < train.muon_learning_rate < math.inf or not 0 <= train.muon_momentum < 1:
+        problems.append(f"Need 0 < --muon_learning_rate and 0 <= --muon_momentum < 1, got {train.muon_learning_rate} "
+                        f"and {train.muon_momentum}.")  # fmt: skip
     if not 0 <= train.post_ln_warmup_fraction <= 1:  # NaN fails this too
         problems.append(f"--post_ln_warmup_fraction must lie in [0, 1], got {train.post_ln_warmup_fraction}.")
     if not 0 <= train.seed < 2**32:

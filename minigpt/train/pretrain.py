@@ -45,13 +45,14 @@ from transformers import GenerationConfig
 from minigpt.commands import command, run_cli
 from minigpt.flops import count_params, flops_per_token, lookup_peak_tflops, mfu
 from minigpt.folders import write_model_code
-from minigpt.schedule import get_lr
+from minigpt.schedule import lr_of, recipe_of
 from minigpt.train.args import TrainArguments, adapt_recipe, build_config, parse_run, warmup_warning
 from minigpt.train.checkpoints import latest_checkpoint, prepare_checkpoint_root, save_checkpoint
 from minigpt.train.data import DataError, prepare_data
 from minigpt.train.tokens import PreparedData
 from minigpt.train.faults import DebugHooks, NonFiniteLoss, StopOnSignal, dump_rank, nonfinite_state
 from minigpt.train.loader import step_batches, steps_per_epoch, stream_batches
+from minigpt.train.optim import configure_optimizer, set_rates
 from minigpt.train.monitoring import RunLog, describe_hardware, plot_losses
 from minigpt.train.streaming import StreamBlocks
 from minigpt.train.sharding import (
@@ -72,17 +73,6 @@ from modeling_minigpt import MiniGPTForCausalLM
 
 
 # ------------------------------------------------------------------------------------------------------ setup
-def configure_optimizer(model: torch.nn.Module, args: TrainArguments, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights (matmuls, embeddings) only; biases and norms are not decayed."""
-    params = dict(model.named_parameters())  # tied weights appear once
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    assert len(decay) + len(no_decay) == len(params), "every parameter must land in exactly one group"
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu")  # the fused kernel exists for both since torch 2.4
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
-
-
 @dataclass
 class LoopState:
     """Where the loop stands; every checkpoint's train_state.json holds it and a resume starts from it. `step` is the
@@ -169,7 +159,7 @@ def setup(argv: list[str] | None = None) -> Run:
         accelerator.load_state(str(resume.folder))  # the RNG states; the model and AdamW too unless torch-fsdp2
         if sharding == "torch-fsdp2":
             load_sharded(model, optimizer, resume.folder / SHARDED_DIR)
-        state = LoopState(**resume.state)  # the LR is get_lr(step): an older file's "scheduler" entry goes unread
+        state = LoopState(**resume.state)  # the LR is lr_of(step): an older file's "scheduler" entry goes unread
     k, world = args.gradient_accumulation_steps, accelerator.num_processes
     blocks_per_step = args.batch_size * k * world
     n_params = count_params(accelerator.unwrap_model(model))
@@ -244,8 +234,7 @@ def print_summary(run: Run, block_size: int, resumed_from: Path | None = None) -
     )
     print0(
         f"schedule: {a.max_steps} steps = {total_tokens / 1e6:.2f}M tokens ({epochs}"
-        f"{total_tokens / num_params:.1f} tokens/parameter); warmup {a.warmup_steps}, cosine "
-        f"{a.learning_rate:g} -> {a.min_learning_rate:g}; evaluation every {a.eval_every or a.max_steps} steps on the "
+        f"{total_tokens / num_params:.1f} tokens/parameter); {recipe_of(asdict(a))}; evaluation every {a.eval_every or a.max_steps} steps on the "
         f"first {sampled} of the {n_val} validation blocks, the final one on all; device {run.accelerator.device}, "
         f"mixed precision {run.accelerator.mixed_precision}, sharding {run.sharding}"
     )
@@ -335,13 +324,12 @@ def log_step(run: Run, stats: dict, tokens_per_s: float) -> None:
 
 
 def take_step(run: Run, micro_batches: list[dict], stop: StopOnSignal) -> tuple[dict, bool]:
-    """Optimizer step run.state.step + 1: set the LR from get_lr, forward/backward the micro-batches, check for
+    """Optimizer step run.state.step + 1: set the rates from the schedule, forward/backward the micro-batches, check for
     NaN/inf, clip, then update (or skip, under --skip_nonfinite). Returns ({"loss", "lr", "grad_norm"}, whether any
     process got a signal)."""
     a, state, model, optimizer, accelerator = run.args, run.state, run.model, run.optimizer, run.accelerator
-    lr = get_lr(state.step, a.learning_rate, a.min_learning_rate, a.warmup_steps, a.max_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = lr_of(state.step, asdict(a))  # AdamW's rate; Muon's follows it at its own scale
+    set_rates(optimizer, lr, a)
     inject = run.debug.inject_at(state.step + 1)
     loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
     if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives

@@ -11,6 +11,8 @@ from minigpt.train.checkpoints import check_state_files, is_checkpoint, latest_c
 from minigpt.train.sharding import SHARDED_DIR
 
 NOT_RESUMED = ("resume", "overwrite_output_dir", "stop_at_step", "config")  # what one invocation says, never saved
+# the recipe of checkpoints saved before these arguments existed: AdamW with the cosine schedule
+SAVED_BEFORE_MUON = {"optimizer": "adamw", "lr_scheduler_type": "cosine"}
 
 
 class UsageError(ValueError):
@@ -54,6 +56,7 @@ class Resume:
         """The arguments the run was started with, among `known`, as parser defaults (flags still override them);
         --output_dir defaults to the folder that holds checkpoints/step-N."""
         values = {k: v for group in self.args.values() for k, v in group.items() if k in known and k not in NOT_RESUMED}
+        values = {**SAVED_BEFORE_MUON, **values}
         if self.folder.parent.name == "checkpoints":
             values["output_dir"] = str(self.folder.parent.parent)
         return values
@@ -70,7 +73,13 @@ class Resume:
                 f"checkpoint's ({'; '.join(changed)}). Pass the same values, or start a new --output_dir."
             )
         check_state_files(self.folder)
-        step, before, after = self.state["step"], self.args["train"], now["train"]
+        step, before, after = self.state["step"], {**SAVED_BEFORE_MUON, **self.args["train"]}, now["train"]
+        if before["optimizer"] != after["optimizer"]:
+            raise SystemExit(
+                f"pretrain: error: cannot resume from {self.folder} with --optimizer {after['optimizer']}: it was "
+                f"trained with {before['optimizer']}, whose state the checkpoint holds. Resume without --optimizer, "
+                "or start a new --output_dir."
+            )
 
         def same(k: str) -> bool:  # an output_dir saved relative to where that run started counts as the same folder
             return before[k] == after[k] or (k == "output_dir" and Path(before[k]).resolve() == Path(after[k]).resolve())

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from minigpt.schedule import peak_lr
+from minigpt.schedule import peak_lr, recipe_of
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -34,6 +34,7 @@ def pretrain_summary(args: dict, step: int, tokens_seen: int, hardware: str, cor
         "learning_rate": peak_lr(step, train) or train["learning_rate"],
         "configured_learning_rate": train["learning_rate"],
         "warmup_steps": train["warmup_steps"],
+        "recipe": recipe_of(train),
         "steps": step,
         "tokens": tokens_seen,
         "hardware": hardware,
