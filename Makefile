@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: venv demo test test-oldest test-long test-gguf bench bench-variants bench-data clean
+.PHONY: venv demo test test-oldest test-long test-gguf bench bench-variants bench-recipe bench-data clean
 
 venv: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ bench: venv
 # every positions x norm x activation variant trained at the tiny preset against the baseline: about 25 minutes
 bench-variants: venv
 	$(PY) -m benchmarks.bench_variants
+
+# the default recipe (Muon + AdamW) against the AdamW recipe at the tiny preset, 3 seeds, one run at a time: ~15 min
+bench-recipe: venv
+	$(PY) -m benchmarks.bench_recipe
 
 # data preparation on a 200 MB synthetic corpus: MiniGPT's token store and --streaming against run_clm's streaming
 # pipeline and nanoGPT's prepare.py (time to the first step, MB/s, peak RSS, disk): 10-20 minutes on 2 cores

@@ -6,7 +6,7 @@ variant's flags changed; the figure is the final validation loss over the whole 
 better), read from the run's log.jsonl. The bar: within 5% of the baseline's loss (its mean over
 --baseline_seeds seeds), and below the unigram model's loss on the same split.
 
-    python -m benchmarks.bench_variants                    # what `make bench-variants` runs: 12 runs + 2 seeds, ~25 min
+    python -m benchmarks.bench_variants                    # what `make bench-variants` runs: 12 runs + 2 seeds, ~25 min (--jobs 2: ~13)
     python -m benchmarks.bench_variants --positions rope --norms post --activations relu --max_steps 50
 """
 
@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, environment, markdown_table
@@ -49,7 +50,11 @@ def train_variant(position: str, norm: str, activation: str, seed: int, args) ->
 
 def run(args) -> dict:
     variants = [(p, n, a) for p in args.positions for n in args.norms for a in args.activations]
-    baseline_runs = [train_variant(*BASELINE, seed, args) for seed in args.baseline_seeds]
+    others = [v for v in variants if v != BASELINE]
+    jobs = [(*BASELINE, seed) for seed in args.baseline_seeds] + [(*v, args.baseline_seeds[0]) for v in others]
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is a process of one thread
+        results = dict(zip(jobs, pool.map(lambda job: train_variant(*job, args), jobs)))
+    baseline_runs = [results[(*BASELINE, seed)] for seed in args.baseline_seeds]
     for r, seed in zip(baseline_runs, args.baseline_seeds):
         print(f"baseline {'/'.join(BASELINE)} seed {seed}: {r.get('val_loss', r.get('error'))}", flush=True)
     base_losses = [r["val_loss"] for r in baseline_runs if "val_loss" in r]
@@ -58,7 +63,7 @@ def run(args) -> dict:
     base = statistics.mean(base_losses)
     rows = []
     for variant in variants:
-        result = baseline_runs[0] if variant == BASELINE else train_variant(*variant, args.baseline_seeds[0], args)
+        result = results[(*variant, args.baseline_seeds[0])]
         row = {"position": variant[0], "norm": variant[1], "activation": variant[2], "seed": args.baseline_seeds[0],
                **result}  # fmt: skip
         if "val_loss" in result:
@@ -98,6 +103,7 @@ def main(argv=None):
     p.add_argument("--baseline_seeds", default="1337,2,3",
                    help="seeds of the baseline runs; the first one also seeds every other variant")
     p.add_argument("--max_steps", type=int, default=0, help="steps per run (default: the tiny preset's 300)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses one thread)")
     p.add_argument("--work_dir", default=None, help="where the runs go (default: a temporary folder)")
     p.add_argument("--out", default=None, help="results directory (default: benchmarks/results)")
     args = p.parse_args(argv)
