@@ -8,7 +8,7 @@ the final loss, the steps and training seconds (without evaluation and saving) t
 the AdamW recipe's own 300-step loss), and the training time. Writes a dated table (.md, .json) and a loss-versus-steps
 plot (.png) to benchmarks/results/.
 
-    python -m benchmarks.bench_recipe                  # `make bench-recipe`: 3 seeds x 3 runs, one at a time, ~15 min
+    python -m benchmarks.bench_recipe                  # `make bench-recipe`: 3 seeds x 4 runs, one at a time, ~17 min
     python -m benchmarks.bench_recipe --seeds 1337 --runs muon:150 adamw:300 --jobs 1
 """
 
@@ -49,7 +49,7 @@ def train(recipe: str, steps: int, seed: int, work_dir: Path) -> dict:
             total += (r["tokens_seen"] - seen) / r["tokens_per_s"]
             seconds[r["step"]], seen = total, r["tokens_seen"]
     schedule = next(line for line in proc.stdout.splitlines() if line.startswith("schedule:"))
-    return {"curve": curve, "seconds": seconds, "train_time_s": total, "schedule": schedule.split("); ", 1)[1]}
+    return {"curve": curve, "seconds": seconds, "train_time_s": total, "schedule": schedule.split("); ", 1)[1].split("; evaluation")[0]}
 
 
 def first_reaching(run: dict, target: float) -> tuple[int | None, float | None]:
@@ -118,7 +118,8 @@ def plot(payload: dict, path: Path) -> None:
         ax.plot(steps, [r["curve"][s] for s in steps], marker="o", markersize=3, label=name.replace(":", ", ") + " steps")
     if payload["target"]:
         ax.axhline(payload["target"], color="gray", linestyle="--", linewidth=1, label=f"target {payload['target']:.3f}")
-    ax.set(xlabel="optimizer step", ylabel="validation loss (nats/token, mean of seeds)", ylim=(4.2, 6.5),
+    lowest = min(loss for r in payload["runs"].values() for loss in r["curve"].values())
+    ax.set(xlabel="optimizer step", ylabel="validation loss (nats/token, mean of seeds)", ylim=(lowest - 0.1, 6.5),
            title="tiny preset: Muon + AdamW (WSD) vs AdamW (cosine)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
@@ -129,7 +130,7 @@ def plot(payload: dict, path: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 2, 3])
-    p.add_argument("--runs", nargs="+", default=["adamw:300", "muon:300", "muon:150"],
+    p.add_argument("--runs", nargs="+", default=["adamw:300", "muon:300", "muon:150", "muon:120"],
                    help="recipe:steps pairs; recipes: " + ", ".join(RECIPES))  # fmt: skip
     p.add_argument("--reference", default="adamw:300", help="the run whose mean final loss is the target")
     p.add_argument("--target", type=float, default=None, help="a target loss instead of the reference's")

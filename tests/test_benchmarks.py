@@ -98,7 +98,7 @@ def test_benchmarks_count_mfu_with_the_training_formula_and_peak_table():
 
 def test_bench_variants_trains_the_baseline_and_a_variant_and_writes_the_table(tmp_path):
     """Two runs of the tiny preset cut to 60 steps (the built-in corpus is prepared once and cached): the table and
-    JSON come out, with the final whole-split loss, the ratio to the baseline and post-LN's recipe change."""
+    JSON come out, with the final whole-split loss, the ratio to the baseline and the recipe column."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "benchmarks.bench_variants", "--positions", "learned", "--norms", "post",
            "--activations", "relu", "--baseline_seeds", "1", "--max_steps", "60", "--out", str(tmp_path)]  # fmt: skip
@@ -109,5 +109,23 @@ def test_bench_variants_trains_the_baseline_and_a_variant_and_writes_the_table(t
     (row,) = payload["results"]
     assert (row["position"], row["norm"], row["activation"]) == ("learned", "post", "relu")
     assert row["val_loss"] > 0 and row["vs_baseline"] == pytest.approx(row["val_loss"] / payload["baseline"]["mean"])
-    assert "post-LN warms up over 40 of 60 steps instead of 10" in row["recipe"]
+    assert row["recipe"] == ""  # the default recipe (Muon) trains post-LN with the preset's warmup
     assert "| learned | post | relu |" in json_file.with_suffix(".md").read_text()
+
+
+def test_bench_recipe_runs_both_recipes_and_reports_the_steps_to_the_reference_loss(tmp_path):
+    """One seed of each recipe cut to 50 steps, two at a time: the table, JSON and plot come out, the target is the
+    AdamW run's final loss, and the Muon run (the default recipe) reaches it sooner."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.bench_recipe", "--seeds", "1", "--runs", "adamw:50", "muon:50",
+           "--reference", "adamw:50", "--jobs", "2", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (json_file,) = tmp_path.glob("*-recipe-cpu-tiny.json")
+    payload = json.loads(json_file.read_text())
+    adamw, muon = payload["runs"]["adamw:50"], payload["runs"]["muon:50"]
+    assert payload["target"] == pytest.approx(adamw["final"]) and sorted(map(int, muon["curve"])) == [0, 25, 50]
+    assert adamw["steps_to_target"] == [50] and muon["steps_to_target"][0] <= 50 and muon["final"] < adamw["final"]
+    assert "Muon 0.02" in muon["schedule"] and "cosine" in adamw["schedule"]
+    assert json_file.with_suffix(".png").stat().st_size > 0
+    assert "| muon, 50 steps |" in json_file.with_suffix(".md").read_text()
