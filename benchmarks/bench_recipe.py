@@ -22,7 +22,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, environment, markdown_table
+from benchmarks.common import markdown_table, write_tiny_results
 
 RECIPES = {  # the flags that make each recipe from the tiny preset
     "adamw": ["--optimizer", "adamw"],
@@ -141,16 +141,10 @@ def main(argv=None):
     if args.target is not None:
         args.reference = None
     payload = run(args)
-    env = environment("cpu")
-    out = Path(args.out) if args.out else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date'][:10]}-recipe-cpu-tiny"
-    (out / f"{stem}.json").write_text(json.dumps({"benchmark": "recipe", **env, **payload}, indent=2) + "\n")
-    plot(payload, out / f"{stem}.png")
-    text = (f"### recipe: tiny preset on {env['device']} (cpu)\n\n{env['date']}, torch {env['torch']}, transformers "
-            f"{env['transformers']}\n\n{table(payload)}\n\n![validation loss versus steps]({stem}.png)\n")  # fmt: skip
-    (out / f"{stem}.md").write_text(text)
-    print("\n" + text)
+    stem = write_tiny_results("recipe", payload, table(payload), args.out)
+    plot(payload, stem.with_suffix(".png"))
+    with stem.with_suffix(".md").open("a") as md:
+        md.write(f"\n![validation loss versus steps]({stem.name}.png)\n")
     return payload
 
 

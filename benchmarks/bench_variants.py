@@ -21,7 +21,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, environment, markdown_table
+from benchmarks.common import markdown_table, write_tiny_results
 
 BASELINE = ("learned", "pre", "gelu_new")
 BAR = 0.05  # relative to the baseline's loss
@@ -113,15 +113,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="minigpt-variants-") as tmp:
         args.work_dir = args.work_dir or tmp
         payload = run(args)
-    env = environment("cpu")
-    out = Path(args.out) if args.out else RESULTS_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date'][:10]}-variants-cpu-tiny"
-    (out / f"{stem}.json").write_text(json.dumps({"benchmark": "variants", **env, **payload}, indent=2) + "\n")
-    text = f"### variants: tiny preset on {env['device']} (cpu)\n\n{env['date']}, torch {env['torch']}, " \
-           f"transformers {env['transformers']}\n\n{table(payload)}\n"  # fmt: skip
-    (out / f"{stem}.md").write_text(text)
-    print("\n" + text)
+    write_tiny_results("variants", payload, table(payload), args.out)
     return payload
 
 

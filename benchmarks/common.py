@@ -242,6 +242,21 @@ def write_results(kind: str, args: argparse.Namespace, payload: dict, table: str
     return out / f"{stem}.json"
 
 
+def write_tiny_results(kind: str, payload: dict, table: str, out: str | None) -> Path:
+    """The learning benchmarks' output (runs of the tiny preset on CPU): `<date>-<kind>-cpu-tiny.json` and `.md`,
+    and the table printed. Returns the path without suffix, for files of the benchmark's own beside them."""
+    folder = Path(out) if out else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    env = environment("cpu")
+    stem = folder / f"{env['date'][:10]}-{kind}-cpu-tiny"
+    _write_atomically(stem.with_suffix(".json"), json.dumps({"benchmark": kind, **env, **payload}, indent=2) + "\n")
+    text = (f"### {kind}: tiny preset on {env['device']} (cpu)\n\n{env['date']}, torch {env['torch']}, transformers "
+            f"{env['transformers']}\n\n{table}\n")  # fmt: skip
+    _write_atomically(stem.with_suffix(".md"), text)
+    print("\n" + text, flush=True)
+    return stem
+
+
 def _write_atomically(path: Path, text: str):
     """A run stopped at its time cap must not leave half a JSON file behind."""
     tmp = path.with_name(path.name + ".tmp")
