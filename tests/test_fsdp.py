@@ -2,7 +2,7 @@
 config. accelerate cannot enable FSDP on CPU, so pretrain.py shards with torch's FSDP2 itself
 (minigpt/train/sharding.py); these tests hold it to what the FSDP config promises:
 
-- the sharding is real: each rank holds half the parameters (and so half the gradients and AdamW state);
+- the sharding is real: each rank holds half the parameters (and so half the gradients and optimizer state);
 - the trained weights equal those of one process with the same global batch;
 - every saved folder (each step-N/ and the final one) is a complete MiniGPT checkpoint that loads with
   trust_remote_code in a process without the package, and generates;
@@ -124,6 +124,17 @@ def test_an_accelerate_config_that_cannot_take_effect_is_an_error(tmp_path, monk
     corpus = write_txt(tmp_path / "corpus.txt", make_corpus(20))
     with pytest.raises(SystemExit, match=expected):
         main(tiny_args(corpus, tmp_path / "out", "--max_steps", 1))
+
+
+def test_fsdp1_under_muon_is_refused_before_any_work(tmp_path, monkeypatch):
+    """FSDP1 flattens parameters; Muon orthogonalises whole matrices. AdamW goes on to the CPU ranks' own check."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    corpus = write_txt(tmp_path / "corpus.txt", make_corpus(20))
+    with pytest.raises(SystemExit, match="FSDP_VERSION=1, which flattens parameters, and Muon orthogonalises"):
+        main(tiny_args(corpus, tmp_path / "out", "--max_steps", 1))
+    with pytest.raises(SystemExit, match="FSDP on CPU ranks is torch's FSDP2"):
+        main(tiny_args(corpus, tmp_path / "out", "--max_steps", 1, "--optimizer", "adamw"))
 
 
 SAVE_SHARDED = """

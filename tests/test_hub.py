@@ -543,6 +543,24 @@ def test_card_reads_data_and_peak_learning_rate_from_the_checkpoint_records(tmp_
     assert "peak learning rate 0.003" in text and "peak learning rate 2e-05" not in text
 
 
+def test_the_card_records_which_recipe_trained_the_model(tmp_path):
+    """training_summary.json names pretraining's optimizer and schedule; a checkpoint that only has train_state.json
+    gets the same words from its arguments, and one saved before --optimizer existed reads as AdamW with cosine."""
+    tiny_config().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    train = {"optimizer": "muon", "learning_rate": 8e-3, "min_learning_rate": 8e-4, "warmup_steps": 10,
+             "muon_learning_rate": 0.02, "muon_momentum": 0.95, "lr_scheduler_type": "warmup_stable_decay",
+             "decay_ratio": 0.4, "max_steps": 300}  # fmt: skip
+    (tmp_path / "train_state.json").write_text(json.dumps({"state": {"step": 300}, "args": {"train": train}}))
+    muon = ("**Recipe:** Muon 0.02 (momentum 0.95) for the blocks' weight matrices, AdamW 0.008 -> 0.0008 for "
+            "embeddings, norms and biases; warmup 10 steps, stable, then linear decay over the last 40% of the steps")
+    assert muon in str(build_model_card(tmp_path, "alice/muon"))
+    old = {k: train[k] for k in ("learning_rate", "min_learning_rate", "warmup_steps", "max_steps")}
+    (tmp_path / "train_state.json").write_text(json.dumps({"state": {"step": 300}, "args": {"train": old}}))
+    card = str(build_model_card(tmp_path, "alice/adamw"))
+    assert "**Recipe:** AdamW 0.008 -> 0.0008; warmup 10 steps, cosine decay" in card and "Muon" not in card
+
+
 def test_the_card_gives_the_peak_learning_rate_a_run_reached_not_the_configured_one(tmp_path):
     """warmup_steps >= max_steps: pretraining's get_lr (linear warmup over warmup_steps + 1) climbs to 49/101 of
     --learning_rate in 49 steps; a fine-tune's training_summary.json records its own peak beside the configured."""

@@ -2,12 +2,20 @@
 torch's own optimizers: MuonAdamW's Muon against torch.optim.Muon (bit for bit with the iteration in bfloat16, as
 torch runs it; to tolerance in float32, as it runs on CPU), its AdamW against torch.optim.AdamW."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from minigpt.train.optim import MuonAdamW, configure_optimizer, orthogonalize, set_rates, split_parameters
+from minigpt.train.optim import (
+    MuonAdamW,
+    apply_arguments,
+    configure_optimizer,
+    orthogonalize,
+    set_rates,
+    split_parameters,
+)
 from modeling_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 
 pytestmark = pytest.mark.oldest
@@ -52,8 +60,39 @@ def test_the_adamw_recipe_keeps_its_groups_and_every_step_sets_both_rates():
     decayed = [p for p in model.parameters() if p.dim() >= 2]  # the order checkpoints saved before Muon hold
     assert [id(p) for p in adamw.param_groups[0]["params"]] == [id(p) for p in decayed]
     muon = configure_optimizer(model, SimpleNamespace(**RECIPE), torch.device("cpu"))
-    set_rates(muon, 1e-3, SimpleNamespace(**RECIPE))  # half the AdamW peak: Muon's at half its own
+    rates = set_rates(muon, 1e-3, SimpleNamespace(**RECIPE))  # half the AdamW peak: Muon's at half its own
     assert [g["lr"] for g in muon.param_groups] == [pytest.approx(0.01), 1e-3, 1e-3]
+    assert rates == {"lr": 1e-3, "muon_lr": pytest.approx(0.01)}
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_a_loaded_state_continues_exactly_and_takes_this_runs_hyperparameters(optimizer):
+    """load_state_dict brings back the saved groups: the state continues bit for bit, and apply_arguments puts the
+    resumed run's hyperparameters back (a resume's --muon_momentum or --weight_decay must take effect)."""
+    args = SimpleNamespace(**{**RECIPE, "optimizer": optimizer})
+    model = model_of()
+    opt = configure_optimizer(model, args, torch.device("cpu"))
+    params = list(model.parameters())
+    for step in range(2):
+        grads_for(params, step), opt.step()
+    saved, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]  # as a file holds it
+    grads_for(params, 2), opt.step()
+    after = [p.detach().clone() for p in params]
+
+    for p, w in zip(params, weights):
+        p.data.copy_(w)
+    again = configure_optimizer(model, args, torch.device("cpu"))
+    again.load_state_dict(saved)
+    grads_for(params, 2), again.step()
+    assert all(torch.equal(p, a) for p, a in zip(params, after))
+
+    changed = SimpleNamespace(**{**vars(args), "muon_momentum": 0.5, "weight_decay": 0.0, "adam_beta1": 0.8})
+    again.load_state_dict(saved)
+    apply_arguments(again, changed)
+    for group in again.param_groups:
+        assert group["weight_decay"] == 0.0
+        assert group["momentum"] == 0.5 if group.get("use_muon") else group["betas"] == (0.8, 0.95)
+    assert again.state_dict()["state"].keys() == saved["state"].keys()  # the state itself as loaded
 
 
 def grads_for(params, step: int) -> None:

@@ -119,6 +119,8 @@ def test_run_writes_a_loadable_model_checkpoints_logs_and_plot(corpus, tmp_path)
     assert [r["step"] for r in log if "val_loss" in r] == [0, 10, 20, 30]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1  # (add_hparams adds a subfolder)
+    recipe = json.loads((out / "training_summary.json").read_text())["recipe"]  # the model card's record
+    assert recipe.startswith("Muon 0.02 (momentum 0.95) for the blocks' weight matrices, AdamW 0.003 -> 0.0003")
 
     # keep_last=2 of the saves at 10, 20, 30; each checkpoint is complete and self-contained
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -448,7 +450,8 @@ def test_resume_with_another_optimizer_is_refused(corpus, tmp_path, capsys):
     out = tmp_path / "muon"
     main(tiny_args(corpus, out, "--max_steps", 4, "--stop_at_step", 2))
     message = error_of(["--resume", str(out), "--optimizer", "adamw"], capsys)
-    assert "cannot resume from" in message and "with --optimizer adamw: it was trained with muon" in message
+    assert "cannot resume from" in message
+    assert "with --optimizer adamw (given on the command line or by --config): it was trained with muon" in message
 
 
 def test_a_presets_other_recipe_is_one_flag_away():
@@ -468,11 +471,36 @@ def test_a_presets_other_recipe_is_one_flag_away():
     assert parse_run([])[2].lr_scheduler_type == "warmup_stable_decay"
 
 
-def test_a_config_with_an_unknown_key_in_its_recipes_is_an_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "recipes, words",
+    [
+        ("\n  adamw:\n    learning_rat: 1.0e-3", "`recipes: adamw:` has unknown arguments ['learning_rat']"),
+        ("\n  adamw:\n    optimizer: muon", "`recipes: adamw:` has unknown arguments ['optimizer']"),
+        ("\n  adamW:\n    learning_rate: 1.0e-3", "`recipes:` names 'adamW', which is no --optimizer choice"),
+        ("\n  adamw:", "`recipes: adamw:` must be a non-empty mapping"),
+        (" adamw", "`recipes:` must map an --optimizer choice (muon, adamw) to arguments"),
+        ("\n  - adamw", "`recipes:` must map an --optimizer choice"),
+    ],
+)
+def test_a_config_with_a_mistake_in_its_recipes_is_a_one_line_error(tmp_path, capsys, recipes, words):
     config = tmp_path / "bad.yaml"
-    config.write_text("optimizer: muon\nrecipes:\n  adamw:\n    learning_rat: 1.0e-3\n")
+    config.write_text(f"optimizer: muon\nrecipes:{recipes}\n")
     message = error_of(["--config", str(config)], capsys)
-    assert "unknown arguments ['learning_rat']" in message and "`recipes:`" in message
+    assert words in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_resume_applies_overridden_optimizer_settings_over_the_checkpoints(corpus, tmp_path):
+    """The checkpoint's optimizer state holds its param groups' settings; the resume's flags win, as it prints."""
+    from minigpt.train.pretrain import setup
+
+    out = tmp_path / "run"
+    main(tiny_args(corpus, out, "--max_steps", 4, "--stop_at_step", 2))
+    run = setup(["--resume", str(out), "--muon_momentum", "0.5", "--weight_decay", "0", "--adam_beta2", "0.99"])
+    groups = run.optimizer.param_groups
+    assert [g.get("momentum") for g in groups] == [0.5, None, None]
+    assert all(g["weight_decay"] == 0.0 for g in groups) and [g.get("betas") for g in groups][1:] == [(0.9, 0.99)] * 2
+    assert run.optimizer.state_dict()["state"], "the state was loaded"
+    run.accelerator.end_training()
 
 
 def test_compiled_pretraining_follows_the_eager_run(corpus, tmp_path):

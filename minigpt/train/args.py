@@ -187,10 +187,10 @@ def read_arguments(
             raise ConfigError(f"{path} must hold a mapping of argument names to values.")
         known = {f.name for dc in parser.dataclass_types for f in fields(dc)}
         recipes = (values.pop("recipes", None) or {}) if "optimizer" in known else {}
-        unknown = sorted(set(values) - known) + sorted(k for r in recipes.values() for k in set(r or {}) - known)
-        if unknown or not isinstance(recipes, dict) or not all(isinstance(r, dict) for r in recipes.values()):
-            raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help, and "
-                              "`recipes:` maps an --optimizer choice to such keys.")  # fmt: skip
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown arguments {unknown}; the valid keys are the flags of --help.")
+        _check_recipes(path, recipes, known)
         if recipes:  # the chosen optimizer's own values replace the file's (the command line still wins)
             chosen = next(g.optimizer for g in parser.parse_args_into_dataclasses(args=_config_argv(values) + argv)
                           if hasattr(g, "optimizer"))  # fmt: skip
@@ -200,6 +200,22 @@ def read_arguments(
     if given is not None:
         given |= _named_in(parser, argv)
     return groups
+
+
+def _check_recipes(path: Path, recipes, known: set[str]) -> None:
+    """A config's `recipes:` block: a mapping from --optimizer choices to non-empty mappings of other flags."""
+    choices = [f.metadata["choices"] for f in fields(TrainArguments) if f.name == "optimizer"][0]
+    if not isinstance(recipes, dict):
+        raise ConfigError(f"{path}: `recipes:` must map an --optimizer choice ({', '.join(choices)}) to arguments.")
+    for name, values in recipes.items():
+        if name not in choices:
+            raise ConfigError(f"{path}: `recipes:` names {name!r}, which is no --optimizer choice ({', '.join(choices)}).")
+        if not isinstance(values, dict) or not values:
+            raise ConfigError(f"{path}: `recipes: {name}:` must be a non-empty mapping of argument names to values.")
+        unknown = sorted(set(values) - (known - {"optimizer", "config"}))
+        if unknown:
+            raise ConfigError(f"{path}: `recipes: {name}:` has unknown arguments {unknown}; the valid keys are the "
+                              "flags of --help other than --optimizer and --config.")  # fmt: skip
 
 
 def _named_in(parser: HfArgumentParser, argv: list[str]) -> set[str]:

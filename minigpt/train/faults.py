@@ -64,7 +64,8 @@ class NonFiniteLoss(SystemExit):
         super().__init__(EXIT_NONFINITE)
         self.message = (
             f"pretrain: error: {what} at step {step}; stopping. {where}. Resume with "
-            f"--resume {last_good or '<output_dir>'} and a lower --learning_rate, {fix}."
+            f"--resume {last_good or '<output_dir>'} and a lower --learning_rate (and --muon_learning_rate under Muon), "
+            f"{fix}."
         )
 
 

@@ -99,8 +99,8 @@ def format_record(record: dict) -> str:
             parts.append(f"{value:,.0f} tok/s")
         elif key == "mfu":
             parts.append(f"mfu {100 * value:.1f}%")
-        elif key == "lr":
-            parts.append(f"lr {value:.2e}")
+        elif key in ("lr", "muon_lr"):
+            parts.append(f"{key} {value:.2e}")
         elif key == "val_blocks":
             total = record.get("val_split_blocks", value)
             parts.append(f"{value} of {total} validation blocks" + (" (a sample)" if value < total else ""))

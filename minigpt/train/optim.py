@@ -101,6 +101,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif self.fused and state["step"].device != p.device:  # loaded from a checkpoint: the fused kernel
+                state["step"] = state["step"].to(p.device)  # wants the step count beside the parameter
         states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
         adamw(
@@ -122,28 +124,51 @@ def split_parameters(model: torch.nn.Module) -> dict[str, list[str]]:
     return names
 
 
+def group_settings(args) -> list[dict]:
+    """Each param group's hyperparameters, from the arguments alone, in the order configure_optimizer builds the groups.
+    A resume applies them again over the checkpoint's groups (apply_arguments), so its overrides take effect."""
+    betas = (args.adam_beta1, args.adam_beta2)
+    if args.optimizer == "adamw":  # decayed 2-D weights, then biases and norms: the order of older checkpoints
+        return [{"lr": args.learning_rate, "betas": betas, "weight_decay": args.weight_decay},
+                {"lr": args.learning_rate, "betas": betas, "weight_decay": 0.0}]  # fmt: skip
+    adam = {"use_muon": False, "lr": args.learning_rate, "betas": betas, "eps": 1e-8}
+    return [
+        {"use_muon": True, "lr": args.muon_learning_rate, "momentum": args.muon_momentum, "nesterov": True,
+         "ns_steps": NS_STEPS, "weight_decay": args.weight_decay},
+        {**adam, "weight_decay": args.weight_decay},  # embeddings (and an untied LM head)
+        {**adam, "weight_decay": 0.0},  # biases and norms
+    ]  # fmt: skip
+
+
 def configure_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer --optimizer names, over `model`'s parameters as they will be trained (after any sharding). Weight
     decay applies to 2-D weights only. The rates set here are the peaks; the loop sets each step's (set_rates)."""
     fused = device.type in ("cuda", "cpu")  # torch's fused AdamW exists for both since torch 2.4
     params, split = dict(model.named_parameters()), split_parameters(model)
-    if args.optimizer == "adamw":  # the groups in the order of checkpoints saved before Muon
-        groups = [{"params": [p for n, p in params.items() if n not in split["adamw"]], "weight_decay": args.weight_decay},
-                  {"params": [params[n] for n in split["adamw"]], "weight_decay": 0.0}]  # fmt: skip
-        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
-    adam = dict(use_muon=False, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8)
-    groups = [
-        {"params": [params[n] for n in split["muon"]], "use_muon": True, "lr": args.muon_learning_rate,
-         "momentum": args.muon_momentum, "nesterov": True, "ns_steps": NS_STEPS, "weight_decay": args.weight_decay},
-        {"params": [params[n] for n in split["adamw_decay"]], "weight_decay": args.weight_decay, **adam},
-        {"params": [params[n] for n in split["adamw"]], "weight_decay": 0.0, **adam},
-    ]  # fmt: skip
-    ns_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    return MuonAdamW(groups, ns_dtype=ns_dtype, fused=fused)
+    if args.optimizer == "adamw":
+        names = [[n for n in params if n not in split["adamw"]], split["adamw"]]
+    else:
+        names = [split["muon"], split["adamw_decay"], split["adamw"]]
+    groups = [{"params": [params[n] for n in group], **settings}
+              for group, settings in zip(names, group_settings(args))]  # fmt: skip
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, fused=fused)
+    return MuonAdamW(groups, ns_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, fused=fused)
 
 
-def set_rates(optimizer: torch.optim.Optimizer, lr: float, args) -> None:
+def apply_arguments(optimizer: torch.optim.Optimizer, args) -> None:
+    """After a resume loaded the checkpoint's optimizer state, which brings back the saved groups: each group's
+    hyperparameters from this run's arguments (an override of --muon_momentum, --weight_decay or the betas takes
+    effect, as the resume prints), the state (moments, momentum buffers) as loaded."""
+    for group, settings in zip(optimizer.param_groups, group_settings(args), strict=True):
+        group.update(settings)
+
+
+def set_rates(optimizer: torch.optim.Optimizer, lr: float, args) -> dict[str, float]:
     """Set this step's rates from `lr`, the schedule's AdamW rate: Muon's groups get --muon_learning_rate scaled by
-    the same factor. Read from the arguments each step, never from the groups, which a resume restores."""
+    the same factor. Read from the arguments each step, never from the groups, which a resume restores. Returns the
+    rates by the names the log gives them: {"lr"} and, under Muon, {"muon_lr"}."""
+    muon_lr = lr * args.muon_learning_rate / args.learning_rate
     for group in optimizer.param_groups:
-        group["lr"] = lr * args.muon_learning_rate / args.learning_rate if group.get("use_muon") else lr
+        group["lr"] = muon_lr if group.get("use_muon") else lr
+    return {"lr": lr, "muon_lr": muon_lr} if args.optimizer == "muon" else {"lr": lr}

@@ -14,7 +14,7 @@ minigpt/train/checkpoints.py, and the log, loss plot and MFU in minigpt/train/mo
 Output folder layout:
     <output_dir>/config.json, model.safetensors, tokenizer*, generation_config.json   (the final model)
     <output_dir>/checkpoints/step-<N>/   full training state (accelerate save_state; under FSDP on CPU ranks also
-                                         fsdp/, the sharded model and AdamW) + model, tokenizer and config
+                                         fsdp/, the sharded model and optimizer) + model, tokenizer and config
     <output_dir>/log.jsonl, loss.png, tensorboard/
 
 Faults: SIGTERM/SIGINT finish the current optimizer step, save a checkpoint and exit 0; checkpoints are written
@@ -52,12 +52,12 @@ from minigpt.train.data import DataError, prepare_data
 from minigpt.train.tokens import PreparedData
 from minigpt.train.faults import DebugHooks, NonFiniteLoss, StopOnSignal, dump_rank, nonfinite_state
 from minigpt.train.loader import step_batches, steps_per_epoch, stream_batches
-from minigpt.train.optim import configure_optimizer, set_rates
+from minigpt.train.optim import apply_arguments, configure_optimizer, set_rates
 from minigpt.train.monitoring import RunLog, describe_hardware, plot_losses
 from minigpt.train.streaming import StreamBlocks
 from minigpt.train.sharding import (
     SHARDED_DIR,
-    check_deepspeed_request,
+    check_sharding_request,
     full_state_dict,
     full_value,
     load_sharded,
@@ -120,7 +120,7 @@ def setup(argv: list[str] | None = None) -> Run:
     debug = DebugHooks.from_env()
     on_cpu = args.cpu or not _has_accelerator()
     threads = set_threads(args.cpu_threads, on_cpu=on_cpu)  # the choice finetune, evaluation and generate make
-    check_deepspeed_request(on_cpu)
+    check_sharding_request(on_cpu, args.optimizer)
     accelerator = Accelerator(
         cpu=on_cpu,  # where there is no accelerator, cpu=True makes a multi-process launch gloo ranks
         mixed_precision=args.mixed_precision,
@@ -156,9 +156,10 @@ def setup(argv: list[str] | None = None) -> Run:
     state = LoopState()
     if resume is not None:
         resume.check_sharding(sharding)
-        accelerator.load_state(str(resume.folder))  # the RNG states; the model and AdamW too unless torch-fsdp2
+        accelerator.load_state(str(resume.folder))  # the RNG states; the model and optimizer too unless torch-fsdp2
         if sharding == "torch-fsdp2":
             load_sharded(model, optimizer, resume.folder / SHARDED_DIR)
+        apply_arguments(optimizer, args)  # the loaded groups hold the checkpoint's settings
         state = LoopState(**resume.state)  # the LR is lr_of(step): an older file's "scheduler" entry goes unread
     k, world = args.gradient_accumulation_steps, accelerator.num_processes
     blocks_per_step = args.batch_size * k * world
@@ -325,11 +326,10 @@ def log_step(run: Run, stats: dict, tokens_per_s: float) -> None:
 
 def take_step(run: Run, micro_batches: list[dict], stop: StopOnSignal) -> tuple[dict, bool]:
     """Optimizer step run.state.step + 1: set the rates from the schedule, forward/backward the micro-batches, check for
-    NaN/inf, clip, then update (or skip, under --skip_nonfinite). Returns ({"loss", "lr", "grad_norm"}, whether any
-    process got a signal)."""
+    NaN/inf, clip, then update (or skip, under --skip_nonfinite). Returns ({"loss", "lr", "muon_lr" under Muon,
+    "grad_norm"}, whether any process got a signal)."""
     a, state, model, optimizer, accelerator = run.args, run.state, run.model, run.optimizer, run.accelerator
-    lr = lr_of(state.step, asdict(a))  # AdamW's rate; Muon's follows it at its own scale
-    set_rates(optimizer, lr, a)
+    rates = set_rates(optimizer, lr_of(state.step, asdict(a)), a)  # AdamW's rate; Muon's follows it at its own scale
     inject = run.debug.inject_at(state.step + 1)
     loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
     if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives
@@ -358,7 +358,7 @@ def take_step(run: Run, micro_batches: list[dict], stop: StopOnSignal) -> tuple[
     state.step += 1
     state.samples_in_epoch += run.blocks_per_step
     state.tokens_seen += run.tokens_per_step
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm}, stop_votes > 0
+    return {"loss": loss, **rates, "grad_norm": grad_norm}, stop_votes > 0
 
 
 def training_step(accelerator: Accelerator, model, micro_batches: list[dict], inject_nan: bool = False) -> torch.Tensor:
@@ -396,7 +396,7 @@ def training_step(accelerator: Accelerator, model, micro_batches: list[dict], in
 
 def save(run: Run) -> Path | None:
     """Checkpoint this step (every process takes part); None when the save failed (reported, retried next time)."""
-    # the loss and gradient checks cannot see an update that overflows the weights or AdamW's moments, and such a
+    # the loss and gradient checks cannot see an update that overflows the weights or the optimizer's state, and such a
     # checkpoint would poison every resume; skipping is too late now, so this stops even with --skip_nonfinite
     what = nonfinite_state(run.accelerator, run.model, run.optimizer)
     if what:
@@ -417,7 +417,7 @@ def summary_of(run: Run) -> dict:
 
 
 def write_checkpoint(run: Run, folder: Path) -> None:
-    """Every process: the training state into `folder` (accelerate's save_state: the model and AdamW unless
+    """Every process: the training state into `folder` (accelerate's save_state: the model and optimizer unless
     torch-FSDP2 shards them, which DCP writes to fsdp/, and each rank's RNG state); then the main process adds a
     loadable model folder (config with auto_map, code, generation config, tokenizer), the resume state
     (train_state.json: the loop's state and the arguments) and the run record (training_summary.json)."""

@@ -76,9 +76,9 @@ class Resume:
         step, before, after = self.state["step"], {**SAVED_BEFORE_MUON, **self.args["train"]}, now["train"]
         if before["optimizer"] != after["optimizer"]:
             raise SystemExit(
-                f"pretrain: error: cannot resume from {self.folder} with --optimizer {after['optimizer']}: it was "
-                f"trained with {before['optimizer']}, whose state the checkpoint holds. Resume without --optimizer, "
-                "or start a new --output_dir."
+                f"pretrain: error: cannot resume from {self.folder} with --optimizer {after['optimizer']} (given on "
+                f"the command line or by --config): it was trained with {before['optimizer']}, whose state the "
+                "checkpoint holds. Resume without --optimizer or --config, or start a new --output_dir."
             )
 
         def same(k: str) -> bool:  # an output_dir saved relative to where that run started counts as the same folder

@@ -6,7 +6,7 @@ fsdp.yaml` gives gloo ranks that accelerate wraps in plain DDP without a word. p
 itself, behind the same flags (`--fsdp`, or the FSDP config's ACCELERATE_USE_FSDP):
 
 - each MiniGPTBlock is one FSDP unit, then the root (embeddings, final norm and the tied LM head) is the last one:
-  parameters, gradients and AdamW state are sharded across the processes, each holding about 1/world of them;
+  parameters, gradients and optimizer state are sharded across the processes, each holding about 1/world of them;
 - a checkpoint's `fsdp/` folder holds the sharded model and optimizer through torch.distributed.checkpoint (DCP),
   which a resume loads back exactly;
 - `model.safetensors` (of every checkpoint and of the final folder) is the full state dict gathered on rank 0 and
@@ -44,10 +44,19 @@ SHARDED_DIR = "fsdp"  # a checkpoint's DCP folder under torch-FSDP2
 UNSUPPORTED_ON_CPU = {"FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "false", "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
 
-def check_deepspeed_request(on_cpu: bool) -> None:
+def check_sharding_request(on_cpu: bool, optimizer: str) -> None:
     """Before the Accelerator exists: a DeepSpeed accelerate config on CPU, or without the deepspeed package, is an
-    error that says so (accelerate would raise an ImportError from deep inside, or set up unsharded ranks)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    error that says so (accelerate would raise an ImportError from deep inside, or set up unsharded ranks); so is
+    FSDP1 under Muon, which would hand the optimizer flattened 1-D shards of the matrices it orthogonalises."""
+    env = os.environ
+    version = env.get("FSDP_VERSION", "2" if on_cpu else "1")  # unset: accelerate's FSDP1, or FSDP2 on CPU (ours)
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and version != "2" and optimizer == "muon":
+        raise SystemExit(
+            f"pretrain: error: the accelerate config asks for FSDP_VERSION={version}, which "
+            "flattens parameters, and Muon orthogonalises whole weight matrices. Set fsdp_version: 2 "
+            "(minigpt/train/configs/accelerate/fsdp.yaml), or pass --optimizer adamw."
+        )
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return
     import importlib.util
 
@@ -136,7 +145,7 @@ def prepare(accelerator: Accelerator, model: MiniGPTForCausalLM, make_optimizer:
     optimizer = make_optimizer(model)
     held, total = local_share(model)
     print(f"fsdp: rank {accelerator.process_index} holds {held:,} of {total:,} parameters ({held / total:.1%}) and "
-          "their gradients and AdamW state", flush=True)  # fmt: skip
+          "their gradients and optimizer state", flush=True)  # fmt: skip
     return model, optimizer, sharding
 
 
@@ -163,13 +172,13 @@ def save_full_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
 
 def save_sharded(model: FSDPModule, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every process writes its shards of the model and AdamW state to `folder` (a DCP checkpoint)."""
+    """Every process writes its shards of the model and optimizer state to `folder` (a DCP checkpoint)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
 def load_sharded(model: FSDPModule, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every process reads its shards of the model and AdamW state back from `folder` (written by save_sharded)."""
+    """Every process reads its shards of the model and optimizer state back from `folder` (written by save_sharded)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(folder))
