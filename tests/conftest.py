@@ -132,6 +132,15 @@ def debug_hooks(monkeypatch):
     return switch_on
 
 
+def ctrl_c_reaches_it() -> None:
+    """preexec_fn of a process a test sends Ctrl-C (SIGINT): the default disposition, as in a terminal. A shell
+    that starts pytest in the background (`cmd &`, a CI runner) hands every child SIGINT ignored, and Python then
+    never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A port nobody listens on now, so that parallel runs don't collide on accelerate's default 29500."""
     with socket.socket() as s:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ctrl_c_reaches_it
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 300  # the first run tokenizes the built-in corpus (about 35 s on 2 cores); a timeout means a hang
@@ -62,7 +63,8 @@ def demo(processes: list, log: Path, *argv: str, command: list[str] | None = Non
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PATH": path}
     command = command or [sys.executable, "-m", "minigpt.train.demo"]
     with open(log, "w") as f:
-        proc = subprocess.Popen([*command, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([*command, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=ctrl_c_reaches_it)
     proc.log = log
     processes.append(proc)
     return proc

@@ -8,6 +8,7 @@ import evaluate
 import pytest
 import sacrebleu
 import torch
+from conftest import ctrl_c_reaches_it
 from finetune_helpers import EN_FR, PYTHON, ROOT, make_checkpoint, read_jsonl, subprocess_env
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -240,7 +241,7 @@ def _sigint_after(cmd: list[str], ready: str, log) -> tuple[int, str]:
     import time
 
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_reaches_it,
                                 env=dict(subprocess_env(), PYTHONUNBUFFERED="1"))
     try:
         deadline = time.monotonic() + 300  # a loaded machine; a timeout means a hang

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import ctrl_c_reaches_it, free_port
 from finetune_helpers import (
     EN_FR,
     PYTHON,
@@ -766,7 +766,8 @@ def test_the_summary_and_card_name_the_base_model_and_what_it_was_trained_on(bas
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen([PYTHON, "-m", "minigpt.train.finetune", *map(str, argv)], cwd=ROOT, stdout=f,
-                                stderr=subprocess.STDOUT, env=dict(subprocess_env(), PYTHONUNBUFFERED="1"))
+                                stderr=subprocess.STDOUT, env=dict(subprocess_env(), PYTHONUNBUFFERED="1"),
+                                preexec_fn=ctrl_c_reaches_it)
 
 
 def _interrupt_when(proc: subprocess.Popen, log: Path, ready) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_corpus
+from conftest import ctrl_c_reaches_it, make_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from minigpt.train import generate
@@ -203,7 +203,7 @@ def test_a_bare_name_an_adapter_folder_and_ctrl_c(model_dir, tmp_path, monkeypat
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "minigpt.train.generate", "--model", str(long), "--prompt",
                                  "To be", "--max_new_tokens", "900000", "--threads", "1", "--seed", "0"],
-                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_reaches_it,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 300  # a loaded machine; a timeout means a hang

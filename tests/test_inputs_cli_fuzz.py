@@ -33,7 +33,8 @@ SPEC = {
     ),
     **dict.fromkeys(
         ["dropout", "validation_fraction", "tokenizer_train_mb", "learning_rate", "min_learning_rate", "weight_decay",
-         "adam_beta1", "adam_beta2", "max_grad_norm", "peak_tflops", "post_ln_warmup_fraction"],
+         "adam_beta1", "adam_beta2", "max_grad_norm", "peak_tflops", "post_ln_warmup_fraction", "muon_learning_rate",
+         "muon_momentum", "decay_ratio"],
         (FLOATS, float),
     ),
     **dict.fromkeys(
@@ -55,6 +56,8 @@ SPEC = {
     "text_unit": (["paragraph", "line", "document", "sentence", ""], str),
     "token_dtype": (["uint16", "uint32", "int8", ""], str),
     "mixed_precision": (["no", "bf16", "fp16", "fp8", "BF16", ""], str),
+    "optimizer": (["muon", "adamw", "Muon", "sgd", ""], str),
+    "lr_scheduler_type": (["cosine", "warmup_stable_decay", "linear", "wsd", ""], str),
     "resume": (["latest", "/nonexistent/step-3"], str),
     "report_to": (["none", "tensorboard", "all", "wandb", "TensorBoard", "bogus", ""], str),
     "hub_model_id": (["alice/tiny", "tiny", "bad id!", "a/b/c", "x" * 97], str),  # checked with push_to_hub
