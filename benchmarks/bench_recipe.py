@@ -13,16 +13,13 @@ plot (.png) to benchmarks/results/.
 """
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import markdown_table, write_tiny_results
+from benchmarks.common import markdown_table, train_tiny, write_tiny_results
 
 RECIPES = {  # the flags that make each recipe from the tiny preset
     "adamw": ["--optimizer", "adamw"],
@@ -33,15 +30,11 @@ EVAL_EVERY = 25
 
 def train(recipe: str, steps: int, seed: int, work_dir: Path) -> dict:
     """One run in a fresh process; its validation curve {step: loss} and cumulative training seconds per log step."""
-    out = work_dir / f"{recipe}-{steps}-{seed}"
-    argv = [sys.executable, "-m", "minigpt.train.pretrain", "--config", "tiny", "--output_dir", str(out), "--cpu",
-            "--overwrite_output_dir", "--report_to", "none", "--save_every", "0", "--seed", str(seed),
-            "--max_steps", str(steps), "--eval_every", str(EVAL_EVERY), "--eval_batches", "0",
-            "--log_every", str(EVAL_EVERY), "--cpu_threads", "1", *RECIPES[recipe]]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc, records = train_tiny(work_dir / f"{recipe}-{steps}-{seed}", seed, "--max_steps", str(steps), "--eval_every",
+                               str(EVAL_EVERY), "--eval_batches", "0", "--log_every", str(EVAL_EVERY), "--cpu_threads",
+                               "1", *RECIPES[recipe])  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"bench_recipe: {recipe} {steps} steps, seed {seed} failed:\n{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     curve = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
     seconds, total, seen = {0: 0.0}, 0.0, 0
     for r in records:  # each log record's tokens/s covers the steps since the previous one (training time only)
@@ -49,7 +42,8 @@ def train(recipe: str, steps: int, seed: int, work_dir: Path) -> dict:
             total += (r["tokens_seen"] - seen) / r["tokens_per_s"]
             seconds[r["step"]], seen = total, r["tokens_seen"]
     schedule = next(line for line in proc.stdout.splitlines() if line.startswith("schedule:"))
-    return {"curve": curve, "seconds": seconds, "train_time_s": total, "schedule": schedule.split("); ", 1)[1].split("; evaluation")[0]}
+    recipe_words = schedule.split("); ", 1)[1].split("; evaluation")[0]  # the optimizer and schedule, as the card has them
+    return {"curve": curve, "seconds": seconds, "train_time_s": total, "schedule": recipe_words}
 
 
 def first_reaching(run: dict, target: float) -> tuple[int | None, float | None]:
@@ -72,14 +66,14 @@ def run(args) -> dict:
                              else None)  # fmt: skip
     rows = {}
     for name, by_seed in runs.items():
-        finals = [r["curve"][max(r["curve"])] for r in by_seed.values()]
+        first, finals = next(iter(by_seed.values())), [r["curve"][max(r["curve"])] for r in by_seed.values()]
         reached = [first_reaching(r, target) for r in by_seed.values()] if target else []
         rows[name] = {
-            "schedule": next(iter(by_seed.values()))["schedule"],
+            "schedule": first["schedule"],
             "final": statistics.mean(finals),
             "final_stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "finals": finals,
-            "curve": {s: statistics.mean(r["curve"][s] for r in by_seed.values()) for s in next(iter(by_seed.values()))["curve"]},
+            "curve": {s: statistics.mean(r["curve"][s] for r in by_seed.values()) for s in first["curve"]},
             "train_time_s": statistics.mean(r["train_time_s"] for r in by_seed.values()),
             "steps_to_target": [s for s, _ in reached],
             "seconds_to_target": [t for _, t in reached],
@@ -100,9 +94,9 @@ def table(payload: dict) -> str:
         rows.append([name.replace(":", ", ") + " steps", f"{r['final']:.3f} ± {r['final_stdev']:.3f}",
                      ", ".join(f"{f:.3f}" for f in r["finals"]), at(150), at(225), steps, secs,
                      f"{r['train_time_s']:.0f} s", ratio, r["schedule"]])  # fmt: skip
-    head = (f"Seeds {payload['seeds']}, {payload['jobs']} run(s) at a time, 1 thread each. Target: "
-            f"{target:.3f} nats/token ({'given' if payload['reference'] is None else 'the mean final loss of ' + payload['reference'].replace(':', ', ') + ' steps'}); "
-            "steps and seconds to it are per seed (evaluations every 25 steps).")  # fmt: skip
+    whence = "given" if payload["reference"] is None else f"the mean final loss of {payload['reference'].replace(':', ', ')} steps"
+    head = (f"Seeds {payload['seeds']}, {payload['jobs']} run(s) at a time, 1 thread each. Target: {target:.3f} "
+            f"nats/token ({whence}); steps and seconds to it are per seed (evaluations every 25 steps).")  # fmt: skip
     return head + "\n\n" + markdown_table(headers, rows)
 
 
@@ -115,9 +109,11 @@ def plot(payload: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in payload["runs"].items():
         steps = sorted(s for s in r["curve"] if s > 0)
-        ax.plot(steps, [r["curve"][s] for s in steps], marker="o", markersize=3, label=name.replace(":", ", ") + " steps")
+        label = name.replace(":", ", ") + " steps"
+        ax.plot(steps, [r["curve"][s] for s in steps], marker="o", markersize=3, label=label)
     if payload["target"]:
-        ax.axhline(payload["target"], color="gray", linestyle="--", linewidth=1, label=f"target {payload['target']:.3f}")
+        target = payload["target"]
+        ax.axhline(target, color="gray", linestyle="--", linewidth=1, label=f"target {target:.3f}")
     lowest = min(loss for r in payload["runs"].values() for loss in r["curve"].values())
     ax.set(xlabel="optimizer step", ylabel="validation loss (nats/token, mean of seeds)", ylim=(lowest - 0.1, 6.5),
            title="tiny preset: Muon + AdamW (WSD) vs AdamW (cosine)")  # fmt: skip

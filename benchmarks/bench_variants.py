@@ -6,22 +6,19 @@ variant's flags changed; the figure is the final validation loss over the whole 
 better), read from the run's log.jsonl. The bar: within 5% of the baseline's loss (its mean over
 --baseline_seeds seeds), and below the unigram model's loss on the same split.
 
-    python -m benchmarks.bench_variants                    # what `make bench-variants` runs: 12 runs + 2 seeds, ~25 min (--jobs 2: ~13)
+    python -m benchmarks.bench_variants                    # what `make bench-variants` runs: 12 runs + 2 seeds, ~25 min
     python -m benchmarks.bench_variants --positions rope --norms post --activations relu --max_steps 50
 """
 
 import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import markdown_table, write_tiny_results
+from benchmarks.common import markdown_table, train_tiny, write_tiny_results
 
 BASELINE = ("learned", "pre", "gelu_new")
 BAR = 0.05  # relative to the baseline's loss
@@ -29,18 +26,12 @@ BAR = 0.05  # relative to the baseline's loss
 
 def train_variant(position: str, norm: str, activation: str, seed: int, args) -> dict:
     """Train one variant in a fresh process; returns its final (whole-split) evaluation and the recipe it used."""
-    out = Path(args.work_dir) / f"{position}-{norm}-{activation}-{seed}"
-    argv = [sys.executable, "-m", "minigpt.train.pretrain", "--config", "tiny", "--output_dir", str(out), "--cpu",
-            "--overwrite_output_dir", "--report_to", "none", "--save_every", "0", "--seed", str(seed),
-            "--position_embedding_type", position, "--norm_position", norm,
-            "--activation_function", activation]  # fmt: skip
+    flags = ["--position_embedding_type", position, "--norm_position", norm, "--activation_function", activation]
     if args.max_steps:
-        argv += ["--max_steps", str(args.max_steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+        flags += ["--max_steps", str(args.max_steps)]
+    proc, records = train_tiny(Path(args.work_dir) / f"{position}-{norm}-{activation}-{seed}", seed, *flags)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     final = [r for r in records if "val_loss" in r and r.get("val_blocks") == r.get("val_split_blocks")][-1]
     summary = next(line for line in proc.stdout.splitlines() if "validation unigram perplexity" in line)
     unigram_ppl = float(summary.split("validation unigram perplexity ")[1].split()[0])

@@ -13,6 +13,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -240,6 +242,17 @@ def write_results(kind: str, args: argparse.Namespace, payload: dict, table: str
     if final:
         print("\n" + header + table + "\n", flush=True)
     return out / f"{stem}.json"
+
+
+def train_tiny(out: Path, seed: int, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """One run of `minigpt-pretrain --config tiny` in a fresh process on one thread, on the built-in corpus, with
+    `flags` added: the finished process and its log.jsonl records ([] when it failed)."""
+    argv = [sys.executable, "-m", "minigpt.train.pretrain", "--config", "tiny", "--output_dir", str(out), "--cpu",
+            "--overwrite_output_dir", "--report_to", "none", "--save_every", "0", "--seed", str(seed), *flags]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        return proc, []
+    return proc, [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def write_tiny_results(kind: str, payload: dict, table: str, out: str | None) -> Path:

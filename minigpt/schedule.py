@@ -6,8 +6,9 @@ import math
 # get_lr's arguments, by the names pretraining's arguments (and its train_state.json) give them
 SCHEDULE_ARGUMENTS = {"learning_rate": "max_lr", "min_learning_rate": "min_lr", "warmup_steps": "warmup_steps",
                       "max_steps": "max_steps", "lr_scheduler_type": "kind", "decay_ratio": "decay_ratio"}  # fmt: skip
-# records saved before these arguments existed ran the cosine schedule, get_lr's default
-OPTIONAL = ("lr_scheduler_type", "decay_ratio")
+# the recipe of records saved before --optimizer and --lr_scheduler_type existed: AdamW with the cosine schedule
+SAVED_BEFORE_MUON = {"optimizer": "adamw", "lr_scheduler_type": "cosine"}
+OPTIONAL = ("lr_scheduler_type", "decay_ratio")  # absent from such records: get_lr's defaults are their schedule
 
 
 def get_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int, kind: str = "cosine",
@@ -43,7 +44,8 @@ def peak_lr(steps: int, args: dict) -> float | None:
 def recipe_of(args: dict) -> str | None:
     """The optimizer and schedule of pretraining arguments (named as in lr_of) in words: the summary before the first
     step prints it, and the model card records it. Records saved before --optimizer existed trained with AdamW."""
-    optimizer, kind = args.get("optimizer", "adamw"), args.get("lr_scheduler_type") or "cosine"
+    args = {**SAVED_BEFORE_MUON, **args}
+    optimizer, kind = args["optimizer"], args["lr_scheduler_type"]
     needed = ("learning_rate", "min_learning_rate", "warmup_steps") + (
         ("muon_learning_rate", "muon_momentum") if optimizer == "muon" else ())
     if any(args.get(name) is None for name in needed):

@@ -209,7 +209,8 @@ def _check_recipes(path: Path, recipes, known: set[str]) -> None:
         raise ConfigError(f"{path}: `recipes:` must map an --optimizer choice ({', '.join(choices)}) to arguments.")
     for name, values in recipes.items():
         if name not in choices:
-            raise ConfigError(f"{path}: `recipes:` names {name!r}, which is no --optimizer choice ({', '.join(choices)}).")
+            raise ConfigError(f"{path}: `recipes:` names {name!r}, which is no --optimizer choice "
+                              f"({', '.join(choices)}).")  # fmt: skip
         if not isinstance(values, dict) or not values:
             raise ConfigError(f"{path}: `recipes: {name}:` must be a non-empty mapping of argument names to values.")
         unknown = sorted(set(values) - (known - {"optimizer", "config"}))

@@ -50,7 +50,8 @@ def orthogonalize_whole(update: torch.Tensor, steps: int, dtype: torch.dtype) ->
 
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for the param groups with use_muon=True, AdamW for the others. Each group carries its own hyperparameters
-    (lr, weight_decay; momentum, nesterov, ns_steps for Muon; betas, eps for AdamW). `ns_dtype` is where the Newton-Schulz iteration runs; `fused` picks torch's fused AdamW kernel."""
+    (lr, weight_decay; momentum, nesterov, ns_steps for Muon; betas, eps for AdamW). `ns_dtype` is where the
+    Newton-Schulz iteration runs; `fused` picks torch's fused AdamW kernel."""
 
     def __init__(self, param_groups: list[dict], ns_dtype: torch.dtype = torch.float32, fused: bool = False):
         super().__init__(param_groups, defaults={})
@@ -77,12 +78,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
         """torch.optim.Muon's update, with adjust_lr_fn "original" (the rate times sqrt(max(1, rows / columns)))."""
         lr, momentum = group["lr"], group["momentum"]
-        for p in params:
-            if p.dim() != 2:  # a sharding that flattens parameters (FSDP1) hands over 1-D views
-                raise RuntimeError(
-                    f"Muon needs each weight matrix whole or as a DTensor shard, and got a parameter of shape "
-                    f"{tuple(p.shape)}: FSDP1 flattens parameters. Use fsdp_version: 2 or --optimizer adamw."
-                )
+        for p in params:  # 2-D, checked at construction; FSDP1, which flattens them, is refused before any work
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)

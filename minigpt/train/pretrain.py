@@ -235,7 +235,8 @@ def print_summary(run: Run, block_size: int, resumed_from: Path | None = None) -
     )
     print0(
         f"schedule: {a.max_steps} steps = {total_tokens / 1e6:.2f}M tokens ({epochs}"
-        f"{total_tokens / num_params:.1f} tokens/parameter); {recipe_of(asdict(a))}; evaluation every {a.eval_every or a.max_steps} steps on the "
+        f"{total_tokens / num_params:.1f} tokens/parameter); {recipe_of(vars(a))}; evaluation every "
+        f"{a.eval_every or a.max_steps} steps on the "
         f"first {sampled} of the {n_val} validation blocks, the final one on all; device {run.accelerator.device}, "
         f"mixed precision {run.accelerator.mixed_precision}, sharding {run.sharding}"
     )
@@ -329,7 +330,7 @@ def take_step(run: Run, micro_batches: list[dict], stop: StopOnSignal) -> tuple[
     NaN/inf, clip, then update (or skip, under --skip_nonfinite). Returns ({"loss", "lr", "muon_lr" under Muon,
     "grad_norm"}, whether any process got a signal)."""
     a, state, model, optimizer, accelerator = run.args, run.state, run.model, run.optimizer, run.accelerator
-    rates = set_rates(optimizer, lr_of(state.step, asdict(a)), a)  # AdamW's rate; Muon's follows it at its own scale
+    rates = set_rates(optimizer, lr_of(state.step, vars(a)), a)  # AdamW's rate; Muon's follows it at its own scale
     inject = run.debug.inject_at(state.step + 1)
     loss_sum = training_step(accelerator, model, micro_batches, inject_nan=inject == "loss")
     if inject == "grads":  # a finite loss with a NaN gradient, as an overflow in backward gives

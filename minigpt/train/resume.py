@@ -6,13 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from minigpt.schedule import SCHEDULE_ARGUMENTS, lr_of
+from minigpt.schedule import SAVED_BEFORE_MUON, SCHEDULE_ARGUMENTS, lr_of
 from minigpt.train.checkpoints import check_state_files, is_checkpoint, latest_checkpoint
 from minigpt.train.sharding import SHARDED_DIR
 
 NOT_RESUMED = ("resume", "overwrite_output_dir", "stop_at_step", "config")  # what one invocation says, never saved
-# the recipe of checkpoints saved before these arguments existed: AdamW with the cosine schedule
-SAVED_BEFORE_MUON = {"optimizer": "adamw", "lr_scheduler_type": "cosine"}
 
 
 class UsageError(ValueError):
